@@ -1,0 +1,141 @@
+"""Backend registry: which implementation runs an op, and why one is not available.
+
+A backend is an object with
+
+* ``name``: "reference", "triton", "cuda" or "cpu";
+* ``unavailable_reason(device, dtype=None) -> Optional[str]``: None when it can run on that
+  device (and weight dtype), else a sentence saying what is missing and how to get it;
+* ``embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric)``:
+  writes the noisy embedding of the flat ids (N,) into ``out`` (N, d), or (2N, d) when
+  symmetric (rows [0, N) = e + n, [N, 2N) = e - n). ``tok_mag`` is None (use the float
+  ``mag``) or a float32 (N,) per-token scale. ``seed``, ``offset`` are ints in [0, 2**64).
+* ``embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, deterministic)``
+  -> the weight's gradient (num_weights, d), dtype of ``grad_out``, accumulated in float32;
+* ``noisytune_(tensors, lam, *, seed, starts)``: perturbs each tensor in place, tensor k from
+  counter ``starts[k]``.
+
+All of them follow the randomness contract and the math of :mod:`fastnoise.reference`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+from . import reference
+
+BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
+#: "auto" tries these in order, per device type; the first available wins
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend asked for by name cannot run here."""
+
+
+class ReferenceBackend:
+    """The pure-PyTorch definition, on any device."""
+
+    name = "reference"
+
+    def unavailable_reason(self, device, dtype=None):
+        return None
+
+    def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
+                          symmetric):
+        out.copy_(reference.noisy_embedding(ids, weight, noise=noise, mag=mag, tok_mag=tok_mag,
+                                            seed=seed, offset=offset, symmetric=symmetric))
+
+    def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
+                           deterministic):
+        grad = reference.embedding_backward(grad_out, ids, num_weights,
+                                            padding_idx=padding_idx, symmetric=symmetric)
+        return grad.to(grad_out.dtype)
+
+    def noisytune_(self, tensors, lam, *, seed, starts):
+        for t, start in zip(tensors, starts):
+            reference.noisytune_([t], lam, seed=seed, offset=start)
+
+
+class _LazyBackend:
+    """A backend whose module is imported on first use (Triton and the extension are heavy)."""
+
+    def __init__(self, name: str, module: str, attr: str):
+        self.name = name
+        self._module_name = module
+        self._attr = attr
+        self._impl = None
+        self._import_error: Optional[str] = None
+
+    def _load(self):
+        if self._impl is None and self._import_error is None:
+            import importlib
+            try:
+                mod = importlib.import_module(self._module_name, __package__)
+                self._impl = getattr(mod, self._attr)
+            except Exception as exc:  # ImportError, or a broken build of the extension
+                self._import_error = f"{type(exc).__name__}: {exc}"
+        return self._impl
+
+    def unavailable_reason(self, device, dtype=None):
+        impl = self._load()
+        if impl is None:
+            return f"the {self.name!r} backend failed to load ({self._import_error})"
+        return impl.unavailable_reason(device, dtype)
+
+    def __getattr__(self, attr):
+        impl = self._load()
+        if impl is None:
+            raise BackendUnavailableError(
+                f"the {self.name!r} backend failed to load ({self._import_error})")
+        return getattr(impl, attr)
+
+
+_REGISTRY: Dict[str, object] = {
+    "reference": ReferenceBackend(),
+    "triton": _LazyBackend("triton", ".triton_ops", "BACKEND"),
+    "cuda": _LazyBackend("cuda", ".extension", "CUDA_BACKEND"),
+    "cpu": _LazyBackend("cpu", ".extension", "CPU_BACKEND"),
+}
+
+
+def register_backend(name: str, backend) -> None:
+    """Replace or add a backend (tests use this to plant a broken one)."""
+    _REGISTRY[name] = backend
+
+
+def get_backend(name: str):
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of "
+                         f"{tuple(_REGISTRY)}") from None
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_backends(device="cpu", dtype: Optional[torch.dtype] = None) -> List[str]:
+    """Names of the backends that can run on ``device`` (and weight ``dtype``), auto's pick first."""
+    device = torch.device(device)
+    order = list(AUTO_ORDER.get(device.type, ("reference",)))
+    names = order + [n for n in _REGISTRY if n not in order]
+    return [n for n in names if _REGISTRY[n].unavailable_reason(device, dtype) is None]
+
+
+def resolve_backend(name: str, device, dtype: Optional[torch.dtype] = None):
+    """The backend object for ``name`` ("auto" included) on ``device``; raises if unavailable."""
+    device = torch.device(device)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if _REGISTRY[candidate].unavailable_reason(device, dtype) is None:
+                return _REGISTRY[candidate]
+        return _REGISTRY["reference"]
+    backend = get_backend(name)
+    reason = backend.unavailable_reason(device, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
+    return backend

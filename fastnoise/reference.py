@@ -1,0 +1,267 @@
+"""Pure-PyTorch reference: the definition of every noise, every scale and every random draw.
+
+Every backend (Triton, CUDA, C++ CPU) is tested against this file. It is written for
+clarity, not speed, and runs on any device PyTorch runs on.
+
+Randomness contract
+===================
+One counter-based Philox4x32-10 stream (Salmon et al., Random123) keyed by a 64-bit seed.
+It is the same function as Triton's ``tl.randint4x``/``tl.philox``:
+
+    key     = (k0, k1)          = (seed & 0xFFFFFFFF, seed >> 32)
+    counter = (c0, c1, c2, c3)  = (ctr & 0xFFFFFFFF, ctr >> 32, 0, 0)
+    philox4x32_10(counter, key) -> four uint32 words (w0, w1, w2, w3)
+
+``ctr`` is a 64-bit counter (arithmetic mod 2**64). Each call of an op is given a pair
+``(seed, offset)``; the counters it uses are ``offset + k`` for ``k`` in a range that starts
+at 0, so two calls with the same seed but offsets ``o`` and ``o + used`` never share a draw.
+
+Noisy embedding. The input ids, flattened in C order, are the token rows ``r = 0 .. N-1``;
+the embedding dimension is ``d``; columns are ``j = 0 .. d-1``.
+
+* uniform and gaussian: ``G = ceil(d / 4)`` counters per row. Element ``(r, j)`` uses
+  counter ``offset + r * G + j // 4`` and word ``j % 4``. One Philox call feeds 4 elements.
+* bernoulli (+-1): ``G = ceil(d / 128)`` counters per row. Element ``(r, j)`` uses counter
+  ``offset + r * G + j // 128``, word ``(j % 128) // 32`` and bit ``j % 32`` (LSB = bit 0).
+  One Philox call feeds 128 elements.
+* A call uses ``N * G`` counters (:func:`counters_used`). With ``symmetric=True`` the
+  pair ``e + n`` and ``e - n`` shares the same ``n``, so the count does not double.
+
+Words to numbers (float32 throughout, each operation rounded once, no fused multiply-add):
+
+* ``uniform01(w)``: ``v = w if w < 2**31 else (~w & 0x7FFFFFFF)``;
+  ``u = float32(v) * float32(4.6566127342e-10)`` in [0, 1) (Triton's ``uint_to_uniform_float``).
+* uniform noise ``xi = u * 2 - 1`` in (-1, 1).
+* gaussian noise, Box-Muller on the pairs (w0, w1) and (w2, w3) (Triton's ``randn4x``):
+  ``u_a = max(uniform01(w_a), 1e-7)``, ``th = 6.283185307179586 * uniform01(w_b)``,
+  ``rad = sqrt(-2 * log(u_a))``, ``xi_a = rad * cos(th)``, ``xi_b = rad * sin(th)``.
+  Backends may use faster log/sqrt/sin/cos: Gaussian noise agrees to ~1e-6, not bit for bit.
+* bernoulli noise ``xi = 1 - 2 * bit`` (bit 0 -> +1, bit 1 -> -1).
+
+NoisyTune. Tensors are taken in the order given (a module's parameters in
+``named_parameters()`` order, each once). Tensor ``t`` starts at counter
+``offset + sum(ceil(numel(s) / 4) for s before t)``; its flat (C-order) element ``i`` uses
+counter ``start_t + i // 4`` and word ``i % 4``, as ``uniform01``. Skipped tensors still take
+their counters, so the noise of a tensor depends only on its position.
+
+Scale. ``mag = float32(alpha / sqrt(L * d))`` computed in float64 and rounded once. ``L`` is
+the padded length (last dim of the ids) or, with an ``attention_mask``, each sequence's count
+of nonzero mask entries; masked tokens and all-zero rows get ``mag = 0``. Output:
+``out = dtype(float32(e) + float32(xi * mag))`` (and ``e - n`` for the second half of a
+symmetric pair). NoisyTune: ``s = float32(lam) * std(W)`` (unbiased, float32),
+``W = dtype(float32(W) + (u - 0.5) * s)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "PHILOX_KEY_A", "PHILOX_KEY_B", "PHILOX_ROUND_A", "PHILOX_ROUND_B",
+    "WORDS_PER_COUNTER", "ELEMENTS_PER_COUNTER", "counters_per_row", "counters_used",
+    "philox4x32", "uniform01", "noise_words", "draw_noise", "noise_scale", "token_scale",
+    "noisy_embedding", "embedding_backward", "noisytune_offsets", "noisytune_",
+]
+
+M32 = 0xFFFFFFFF
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_ROUNDS = 10
+UNIFORM_SCALE = 4.6566127342e-10  # largest float32 with (2**31 - 1) * scale < 1
+GAUSSIAN_MIN_U = 1e-7
+TWO_PI = 6.283185307179586
+
+WORDS_PER_COUNTER = 4
+#: noise elements fed by one Philox call, per noise kind
+ELEMENTS_PER_COUNTER = {"uniform": 4, "gaussian": 4, "bernoulli": 128}
+NOISE_KINDS = tuple(ELEMENTS_PER_COUNTER)
+
+
+def counters_per_row(noise: str, d: int) -> int:
+    """G: Philox counters used by one token row of width d."""
+    per = ELEMENTS_PER_COUNTER[noise]
+    return (d + per - 1) // per
+
+
+def counters_used(noise: str, n_tokens: int, d: int) -> int:
+    """Counters one noisy-embedding call consumes (the offset advance for the next call)."""
+    return n_tokens * counters_per_row(noise, d)
+
+
+# --------------------------------------------------------------------------------------
+# Philox4x32-10 in int64 arithmetic (each value holds a uint32)
+# --------------------------------------------------------------------------------------
+def _mulhilo(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit words of the 64-bit product a * b; a is a 32-bit constant.
+
+    Splits b into 16-bit halves so every intermediate stays below 2**49 (no int64 overflow).
+    """
+    p0 = a * (b & 0xFFFF)
+    p1 = a * (b >> 16)
+    t = (p0 >> 16) + p1  # a * b == t * 2**16 + (p0 & 0xFFFF)
+    lo = ((t & 0xFFFF) << 16) | (p0 & 0xFFFF)
+    hi = t >> 16
+    return hi, lo
+
+
+def philox4x32(seed: int, ctr_lo: torch.Tensor, ctr_hi: torch.Tensor,
+               c2: Optional[torch.Tensor] = None, c3: Optional[torch.Tensor] = None):
+    """Philox4x32-10 of counters (ctr_lo, ctr_hi, c2, c3) under the 64-bit key ``seed``.
+
+    Counter words are int64 tensors holding uint32 values; returns four such tensors.
+    """
+    seed = int(seed) & ((1 << 64) - 1)
+    k0, k1 = seed & M32, seed >> 32
+    c0, c1 = ctr_lo, ctr_hi
+    c2 = torch.zeros_like(c0) if c2 is None else c2
+    c3 = torch.zeros_like(c0) if c3 is None else c3
+    for _ in range(PHILOX_ROUNDS):
+        hi_b, lo_b = _mulhilo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & M32
+        k1 = (k1 + PHILOX_KEY_B) & M32
+    return c0, c1, c2, c3
+
+
+def _counters(offset: int, index: torch.Tensor):
+    """(lo, hi) words of the 64-bit counters offset + index (index >= 0, int64)."""
+    offset = int(offset) & ((1 << 64) - 1)
+    s = (offset & M32) + (index & M32)
+    lo = s & M32
+    hi = ((offset >> 32) + (index >> 32) + (s >> 32)) & M32
+    return lo, hi
+
+
+def uniform01(w: torch.Tensor) -> torch.Tensor:
+    """uint32 words (in int64) -> float32 in [0, 1), as Triton's uint_to_uniform_float."""
+    v = torch.where(w >= (1 << 31), (~w) & 0x7FFFFFFF, w)
+    return v.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=w.device)
+
+
+def noise_words(seed: int, offset: int, n_counters: int, device=None) -> torch.Tensor:
+    """The (n_counters, 4) Philox words of counters offset .. offset + n_counters - 1."""
+    idx = torch.arange(n_counters, dtype=torch.int64, device=device)
+    lo, hi = _counters(offset, idx)
+    return torch.stack(philox4x32(seed, lo, hi), dim=-1)
+
+
+def _box_muller(ua: torch.Tensor, ub: torch.Tensor):
+    ua = torch.clamp_min(ua, torch.tensor(GAUSSIAN_MIN_U, dtype=torch.float32))
+    th = torch.tensor(TWO_PI, dtype=torch.float32) * ub
+    rad = torch.sqrt(torch.tensor(-2.0, dtype=torch.float32) * torch.log(ua))
+    return rad * torch.cos(th), rad * torch.sin(th)
+
+
+def draw_noise(noise: str, n_rows: int, d: int, seed: int, offset: int = 0,
+               device=None) -> torch.Tensor:
+    """The unscaled noise xi, float32 (n_rows, d), of the contract above."""
+    if noise not in ELEMENTS_PER_COUNTER:
+        raise ValueError(f"unknown noise kind {noise!r}; expected one of {NOISE_KINDS}")
+    g = counters_per_row(noise, d)
+    w = noise_words(seed, offset, n_rows * g, device).view(n_rows, g, 4)
+    if noise == "bernoulli":
+        shifts = torch.arange(32, dtype=torch.int64, device=w.device)
+        bits = (w.unsqueeze(-1) >> shifts) & 1  # (n, g, word, bit)
+        xi = (1 - 2 * bits).to(torch.float32).reshape(n_rows, g * 128)
+    else:
+        u = uniform01(w)
+        if noise == "uniform":
+            xi = u * 2.0 - 1.0
+        else:
+            n0, n1 = _box_muller(u[..., 0], u[..., 1])
+            n2, n3 = _box_muller(u[..., 2], u[..., 3])
+            xi = torch.stack([n0, n1, n2, n3], dim=-1)
+        xi = xi.reshape(n_rows, g * 4)
+    return xi[:, :d].contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# Scale
+# --------------------------------------------------------------------------------------
+def noise_scale(alpha: float, length: int, d: int) -> float:
+    """mag = alpha / sqrt(L * d), in float64 rounded once to float32 (0 when L == 0)."""
+    if length <= 0:
+        return 0.0
+    mag = float(alpha) / math.sqrt(float(length) * float(d))
+    return float(torch.tensor(mag, dtype=torch.float64).to(torch.float32))
+
+
+def token_scale(alpha: float, attention_mask: torch.Tensor, d: int) -> torch.Tensor:
+    """Per-token float32 mag, flattened (N,): each sequence's own L from its mask ones;
+    masked tokens and all-zero sequences get 0."""
+    keep = attention_mask != 0
+    lengths = keep.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    mag = float(alpha) / torch.sqrt(lengths * float(d))  # inf where L == 0, masked below
+    mag = torch.where(keep, mag, torch.zeros((), dtype=torch.float64, device=mag.device))
+    return mag.to(torch.float32).reshape(-1)
+
+
+# --------------------------------------------------------------------------------------
+# Ops
+# --------------------------------------------------------------------------------------
+def noisy_embedding(ids: torch.Tensor, weight: torch.Tensor, *, noise: str,
+                    mag: float = 0.0, tok_mag: Optional[torch.Tensor] = None,
+                    seed: int = 0, offset: int = 0, symmetric: bool = False) -> torch.Tensor:
+    """Forward of the fused op on flat ids (N,): returns (N, d), or (2N, d) when symmetric.
+
+    ``tok_mag`` (N,) float32 overrides the scalar ``mag`` when given.
+    """
+    n, d = ids.numel(), weight.shape[1]
+    e = weight.index_select(0, ids.reshape(-1).long()).to(torch.float32)
+    xi = draw_noise(noise, n, d, seed, offset, device=weight.device)
+    if tok_mag is None:
+        scale = torch.tensor(mag, dtype=torch.float32, device=weight.device)
+    else:
+        scale = tok_mag.to(torch.float32).reshape(n, 1)
+    noise_values = xi * scale
+    out = torch.cat([e + noise_values, e - noise_values]) if symmetric else e + noise_values
+    return out.to(weight.dtype)
+
+
+def embedding_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_weights: int, *,
+                       padding_idx: Optional[int] = None,
+                       symmetric: bool = False) -> torch.Tensor:
+    """Gradient of the weight (float32) from grad_out (N, d) or (2N, d) for a pair."""
+    n = ids.numel()
+    g = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
+    if symmetric:
+        g = g[:n] + g[n:]
+    grad = torch.zeros(num_weights, g.shape[1], dtype=torch.float32, device=g.device)
+    grad.index_add_(0, ids.reshape(-1).long(), g)
+    if padding_idx is not None:
+        grad[padding_idx] = 0
+    return grad
+
+
+def noisytune_offsets(numels: Sequence[int], offset: int = 0) -> list:
+    """Start counter of each tensor: offset + sum of ceil(numel / 4) of those before it."""
+    starts, at = [], int(offset)
+    for numel in numels:
+        starts.append(at & ((1 << 64) - 1))
+        at += (int(numel) + 3) // 4
+    return starts
+
+
+@torch.no_grad()
+def noisytune_(tensors: Iterable[torch.Tensor], lam: float, *, seed: int,
+               offset: int = 0) -> None:
+    """W += (u - 0.5) * lam * std(W) for each tensor, in place (the contract above)."""
+    tensors = list(tensors)
+    starts = noisytune_offsets([t.numel() for t in tensors], offset)
+    for t, start in zip(tensors, starts):
+        numel = t.numel()
+        if numel < 2:
+            continue
+        x = t.detach().to(torch.float32).reshape(-1)
+        std = x.std()
+        if not bool(torch.isfinite(std)) or float(std) == 0.0:
+            continue
+        s = torch.tensor(lam, dtype=torch.float32, device=x.device) * std
+        u = uniform01(noise_words(seed, start, (numel + 3) // 4, x.device)).reshape(-1)[:numel]
+        t.copy_((x + (u - 0.5) * s).reshape(t.shape).to(t.dtype))
