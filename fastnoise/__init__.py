@@ -1,0 +1,17 @@
+"""fastnoise: fused kernels for noise-regularized fine-tuning (NEFTune, SymNoise, NoisyTune).
+
+The pure-PyTorch reference (:mod:`fastnoise.reference`) defines every noise and every random
+draw; the Triton, CUDA and C++ CPU backends reproduce it in single fused kernels.
+"""
+
+from . import reference
+from .backends import BackendUnavailableError, available_backends
+from .functional import METHODS, NOISE_KINDS, noisy_embedding, noisytune_
+from .integrations import is_patched, patch, unpatch
+from .modules import NoisyEmbedding
+
+__version__ = "0.1.0"
+__all__ = [
+    "noisy_embedding", "noisytune_", "NoisyEmbedding", "patch", "unpatch", "is_patched",
+    "available_backends", "BackendUnavailableError", "METHODS", "NOISE_KINDS", "reference",
+]

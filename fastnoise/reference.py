@@ -48,7 +48,7 @@ Scale. ``mag = float32(alpha / sqrt(L * d))`` computed in float64 and rounded on
 the padded length (last dim of the ids) or, with an ``attention_mask``, each sequence's count
 of nonzero mask entries; masked tokens and all-zero rows get ``mag = 0``. Output:
 ``out = dtype(float32(e) + float32(xi * mag))`` (and ``e - n`` for the second half of a
-symmetric pair). NoisyTune: ``s = float32(lam) * std(W)`` (unbiased, float32),
+symmetric pair); float64 weights add in float64. NoisyTune: ``s = float32(lam) * std(W)`` (unbiased, float32),
 ``W = dtype(float32(W) + (u - 0.5) * s)``.
 """
 
@@ -213,13 +213,15 @@ def noisy_embedding(ids: torch.Tensor, weight: torch.Tensor, *, noise: str,
     ``tok_mag`` (N,) float32 overrides the scalar ``mag`` when given.
     """
     n, d = ids.numel(), weight.shape[1]
-    e = weight.index_select(0, ids.reshape(-1).long()).to(torch.float32)
+    # float32 math (float64 weights keep float64: the add must not lose their precision)
+    e = weight.index_select(0, ids.reshape(-1).long()).to(
+        torch.promote_types(weight.dtype, torch.float32))
     xi = draw_noise(noise, n, d, seed, offset, device=weight.device)
     if tok_mag is None:
         scale = torch.tensor(mag, dtype=torch.float32, device=weight.device)
     else:
         scale = tok_mag.to(torch.float32).reshape(n, 1)
-    noise_values = xi * scale
+    noise_values = (xi * scale).to(e.dtype)
     out = torch.cat([e + noise_values, e - noise_values]) if symmetric else e + noise_values
     return out.to(weight.dtype)
 

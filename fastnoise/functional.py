@@ -1,0 +1,274 @@
+"""The functional API, mirroring ``torch.nn.functional``: checks, seeds, scale, dispatch.
+
+The math lives in :mod:`fastnoise.reference`; the kernels live in the backends. This file
+only validates arguments, turns them into what every backend takes, and wires autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Iterable, List, Optional, Union
+
+import torch
+
+from . import reference
+from .backends import resolve_backend
+
+__all__ = ["noisy_embedding", "noisytune_", "METHODS", "NOISE_KINDS"]
+
+NOISE_KINDS = reference.NOISE_KINDS
+#: method presets for NoisyEmbedding / patch: (noise kind, symmetric)
+METHODS = {
+    "neftune": ("uniform", False),
+    "gaussian": ("gaussian", False),
+    "symnoise": ("bernoulli", True),
+}
+_U64 = 1 << 64
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks (shared by the module and the integrations)
+# --------------------------------------------------------------------------------------
+def check_noise(noise: str) -> str:
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {noise!r}; expected one of {NOISE_KINDS}")
+    return noise
+
+
+def check_method(method: str):
+    try:
+        return METHODS[method]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {method!r}; expected one of {tuple(METHODS)}") from None
+
+
+def check_nonnegative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_seed(seed) -> Optional[int]:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < _U64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def _check_ids(input: torch.Tensor, num_embeddings: int) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a tensor of token ids, got {type(input).__name__}")
+    if input.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input ids must be int32 or int64, got {input.dtype}")
+    if input.numel() == 0:
+        return
+    lo, hi = torch.aminmax(input)
+    lo, hi = torch.stack([lo, hi]).tolist()  # one device sync, before any kernel runs
+    if lo < 0 or hi >= num_embeddings:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"token id {bad} is out of range [0, {num_embeddings})")
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), "
+                         f"got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+
+
+# --------------------------------------------------------------------------------------
+# Seeds
+# --------------------------------------------------------------------------------------
+def draw_seed(device: torch.device, counters: int):
+    """(seed, offset) for a call that uses ``counters`` Philox counters, from torch's default
+    generator of ``device``: ``torch.manual_seed`` makes runs repeatable, every call differs.
+
+    CPU: a fresh 63-bit seed, offset 0. CUDA: the generator's seed and its Philox offset,
+    which is advanced past the counters used (no device sync).
+    """
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        gen = torch.cuda.default_generators[idx]
+        offset = gen.get_offset()
+        gen.set_offset(offset + ((counters + 3) // 4) * 4)  # CUDA offsets are multiples of 4
+        return gen.initial_seed() % _U64, offset
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    return seed, 0
+
+
+# --------------------------------------------------------------------------------------
+# Noisy embedding
+# --------------------------------------------------------------------------------------
+class _NoisyEmbeddingFunction(torch.autograd.Function):
+    """Forward by the chosen backend; backward is that of the plain embedding (noise is a
+    constant), with the two halves of a symmetric pair summed."""
+
+    @staticmethod
+    def forward(ctx, weight, ids, tok_mag, backend, noise, mag, seed, offset, symmetric,
+                padding_idx):
+        rows = ids.numel() * (2 if symmetric else 1)
+        out = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        backend.embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
+                                  seed=seed, offset=offset, symmetric=symmetric)
+        ctx.save_for_backward(ids)
+        ctx.backend, ctx.num_weights = backend, weight.shape[0]
+        ctx.symmetric, ctx.padding_idx = symmetric, padding_idx
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            (ids,) = ctx.saved_tensors
+            grad_weight = ctx.backend.embedding_backward(
+                grad_out.contiguous(), ids, ctx.num_weights, padding_idx=ctx.padding_idx,
+                symmetric=ctx.symmetric,
+                deterministic=torch.are_deterministic_algorithms_enabled())
+        return (grad_weight,) + (None,) * 9
+
+
+def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "uniform",
+                    alpha: float = 5.0, symmetric: bool = False,
+                    attention_mask: Optional[torch.Tensor] = None,
+                    padding_idx: Optional[int] = None, seed: Optional[int] = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """Embedding lookup plus NEFTune-style noise, fused: ``weight[input] + mag * xi``.
+
+    Args:
+        input: int32/int64 token ids, shape (L,), (B, L) or more leading dims.
+        weight: (num_embeddings, embedding_dim) float tensor.
+        noise: "uniform" (NEFTune, xi ~ U(-1, 1)), "gaussian" (xi ~ N(0, 1)) or
+            "bernoulli" (SymNoise, xi uniform on {-1, +1}).
+        alpha: noise strength; mag = alpha / sqrt(L * d).
+        symmetric: return ``cat([e + n, e - n])`` along dim 0 (the batch doubles).
+        attention_mask: same shape as ``input``; L is each sequence's count of ones and
+            masked positions get no noise. Without it, L is the padded length
+            ``input.shape[-1]`` and every position gets noise (the Hugging Face hook).
+        padding_idx: row of ``weight`` that gets no gradient, as in ``F.embedding``.
+        seed: 64-bit seed of the Philox stream; None draws one from torch's default
+            generator for the device (so ``torch.manual_seed`` makes runs repeatable).
+        backend: "auto", "reference", "triton", "cuda" or "cpu".
+
+    Returns:
+        (*input.shape, d), or with ``symmetric`` (2 * input.shape[0], *input.shape[1:], d).
+    """
+    _check_weight(weight)
+    noise = check_noise(noise)
+    alpha = check_nonnegative("alpha", alpha)
+    seed = check_seed(seed)
+    _check_ids(input, weight.shape[0])
+    if input.device != weight.device:
+        raise ValueError(f"input is on {input.device} but weight is on {weight.device}")
+    if padding_idx is not None:
+        if not -weight.shape[0] <= padding_idx < weight.shape[0]:
+            raise ValueError(f"padding_idx {padding_idx} is out of range for "
+                             f"{weight.shape[0]} embeddings")
+        padding_idx %= weight.shape[0]
+    d = weight.shape[1]
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input.shape:
+            shape = getattr(attention_mask, "shape", None)
+            raise ValueError(f"attention_mask must have the shape of input {tuple(input.shape)}, "
+                             f"got {tuple(shape) if shape is not None else attention_mask!r}")
+        if attention_mask.device != input.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device}, input on "
+                             f"{input.device}")
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise TypeError(f"attention_mask must be bool or integer, got {attention_mask.dtype}")
+
+    chosen = resolve_backend(backend, weight.device, weight.dtype)
+    if symmetric:
+        if input.dim() == 0:
+            raise ValueError("symmetric=True needs at least one dimension to double")
+        out_shape = (2 * input.shape[0],) + tuple(input.shape[1:]) + (d,)
+    else:
+        out_shape = tuple(input.shape) + (d,)
+    if input.numel() == 0:
+        return weight.new_empty(out_shape)
+
+    length = input.shape[-1] if input.dim() > 0 else 1
+    tok_mag, mag = None, reference.noise_scale(alpha, length, d)
+    if attention_mask is not None:
+        tok_mag = reference.token_scale(alpha, attention_mask.reshape(-1, length), d)
+    if seed is None:
+        seed, offset = draw_seed(weight.device, reference.counters_used(noise, input.numel(), d))
+    else:
+        offset = 0
+    ids = input.reshape(-1).contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    out = _NoisyEmbeddingFunction.apply(weight, ids, tok_mag, chosen, noise, mag, seed,
+                                        offset, symmetric, padding_idx)
+    return out.view(out_shape)
+
+
+# --------------------------------------------------------------------------------------
+# NoisyTune
+# --------------------------------------------------------------------------------------
+def _unique_tensors(model_or_parameters) -> List[torch.Tensor]:
+    if isinstance(model_or_parameters, torch.nn.Module):
+        tensors = [p for _, p in model_or_parameters.named_parameters()]  # tied: once
+    elif isinstance(model_or_parameters, torch.Tensor):
+        tensors = [model_or_parameters]
+    else:
+        try:
+            tensors = list(model_or_parameters)
+        except TypeError:
+            raise TypeError("noisytune_ takes an nn.Module, a tensor or an iterable of tensors, "
+                            f"got {type(model_or_parameters).__name__}") from None
+    seen, unique = set(), []
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"noisytune_ got a {type(t).__name__} among the tensors")
+        if id(t) not in seen:
+            seen.add(id(t))
+            unique.append(t)
+    return unique
+
+
+@torch.no_grad()
+def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor]],
+               lam: float = 0.15, *, seed: Optional[int] = None,
+               backend: str = "auto") -> Union[torch.nn.Module, List[torch.Tensor]]:
+    """NoisyTune, in place: every tensor W += (U[0, 1) - 0.5) * lam * std(W).
+
+    ``std`` is unbiased over the whole tensor, in float32; tensors with fewer than two
+    elements, std 0 or non-finite std are left unchanged. Each tensor gets its own stretch of
+    the Philox stream (see :mod:`fastnoise.reference`), so the result depends only on the seed
+    and the order of the tensors. Returns what it was given.
+    """
+    lam = check_nonnegative("lam", lam)
+    seed = check_seed(seed)
+    tensors = _unique_tensors(model_or_parameters)
+    for t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"noisytune_ perturbs floating-point tensors, got {t.dtype}")
+    total = sum((t.numel() + 3) // 4 for t in tensors)
+    if seed is None:
+        device = tensors[0].device if tensors else torch.device("cpu")
+        seed, offset = draw_seed(device, total)
+    else:
+        offset = 0
+    starts = reference.noisytune_offsets([t.numel() for t in tensors], offset)
+    # one backend call per (device, dtype) group; non-contiguous tensors go through a copy
+    groups = {}
+    for t, start in zip(tensors, starts):
+        groups.setdefault((t.device, t.dtype), []).append((t, start))
+    for (device, dtype), members in groups.items():
+        chosen = resolve_backend(backend, device, dtype)
+        work = [t if t.is_contiguous() else t.contiguous() for t, _ in members]
+        chosen.noisytune_(work, lam, seed=seed, starts=[s for _, s in members])
+        for (t, _), w in zip(members, work):
+            if w is not t:
+                t.copy_(w)
+    return model_or_parameters

@@ -1,0 +1,81 @@
+"""Thin ``nn.Module`` wrappers over :mod:`fastnoise.functional`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import check_method, check_noise, check_nonnegative, noisy_embedding
+
+__all__ = ["NoisyEmbedding"]
+
+
+class NoisyEmbedding(nn.Embedding):
+    """``nn.Embedding`` that adds NEFTune / Gaussian / SymNoise noise in training mode.
+
+    In eval mode it is exactly ``nn.Embedding``. In training mode it calls
+    :func:`fastnoise.noisy_embedding` (one fused kernel on GPU). With ``symmetric=True`` a
+    training-mode forward returns twice the batch: ``cat([e + n, e - n])``.
+
+    It is an ``nn.Embedding`` subclass, so code that checks ``isinstance(m, nn.Embedding)``
+    (weight init, resizing, tying) keeps working.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 padding_idx: Optional[int] = None, *, noise: str = "uniform",
+                 alpha: float = 5.0, symmetric: bool = False, backend: str = "auto",
+                 _weight: Optional[torch.Tensor] = None, device=None, dtype=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx,
+                         _weight=_weight, device=device, dtype=dtype)
+        self.noise = check_noise(noise)
+        self.alpha = check_nonnegative("alpha", alpha)
+        self.symmetric = bool(symmetric)
+        self.backend = backend
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, *, method: Optional[str] = None,
+                       noise: Optional[str] = None, alpha: float = 5.0,
+                       symmetric: Optional[bool] = None,
+                       backend: str = "auto") -> "NoisyEmbedding":
+        """Wrap an existing ``nn.Embedding``, sharing its weight Parameter (ties stay tied).
+
+        ``method`` ("neftune", "gaussian", "symnoise") presets ``noise`` and ``symmetric``;
+        explicit ``noise``/``symmetric`` override it.
+        """
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
+        unsupported = [name for name, value in (("max_norm", embedding.max_norm is not None),
+                                                ("scale_grad_by_freq", embedding.scale_grad_by_freq),
+                                                ("sparse", embedding.sparse)) if value]
+        if unsupported:
+            raise ValueError(f"NoisyEmbedding does not support an embedding with "
+                             f"{', '.join(unsupported)} set")
+        preset_noise, preset_symmetric = check_method(method) if method else ("uniform", False)
+        noise = preset_noise if noise is None else noise
+        symmetric = preset_symmetric if symmetric is None else symmetric
+        weight = embedding.weight
+        new = cls(weight.shape[0], weight.shape[1], padding_idx=None, noise=noise, alpha=alpha,
+                  symmetric=symmetric, backend=backend, _weight=weight)
+        new.weight = weight  # the same Parameter object, not a copy
+        new.padding_idx = embedding.padding_idx
+        new.train(embedding.training)
+        return new
+
+    def forward(self, input: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        if not self.training:
+            return F.embedding(input, self.weight, self.padding_idx)
+        if attention_mask is None:
+            # set by fastnoise.patch(..., use_attention_mask=True) for the current model call
+            mask = self.__dict__.get("_fastnoise_context", {}).get("attention_mask")
+            if mask is not None and mask.shape == input.shape:
+                attention_mask = mask
+        return noisy_embedding(input, self.weight, noise=self.noise, alpha=self.alpha,
+                               symmetric=self.symmetric, attention_mask=attention_mask,
+                               padding_idx=self.padding_idx, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, noise={self.noise!r}, alpha={self.alpha}, "
+                f"symmetric={self.symmetric}, backend={self.backend!r}")

@@ -1,0 +1,171 @@
+"""The public functional API on the reference backend: semantics, gradients, bad inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnoise
+from fastnoise import reference as R
+
+
+def _inputs(batch=3, length=11, d=24, vocab=50, dtype=torch.float32):
+    return torch.randint(0, vocab, (batch, length)), torch.randn(vocab, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("noise", fastnoise.NOISE_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_reference_formula(noise, dtype):
+    ids, weight = _inputs(dtype=dtype)
+    out = fastnoise.noisy_embedding(ids, weight, noise=noise, alpha=5.0, seed=42,
+                                    backend="reference")
+    mag = torch.tensor(5.0 / math.sqrt(11 * 24), dtype=torch.float64).float()
+    xi = R.draw_noise(noise, ids.numel(), 24, 42)
+    expect = (weight[ids.reshape(-1)].float() + xi * mag).to(dtype).view(3, 11, 24)
+    assert out.dtype == dtype and torch.equal(out, expect)
+
+
+def test_noise_magnitude_bounds():
+    ids, weight = _inputs(length=16, d=64)
+    mag = 5.0 / math.sqrt(16 * 64)
+    n = fastnoise.noisy_embedding(ids, weight, seed=1) - weight[ids]
+    assert n.abs().max() <= mag * (1 + 1e-6)
+    n = fastnoise.noisy_embedding(ids, weight, seed=1, noise="bernoulli") - weight[ids]
+    torch.testing.assert_close(n.abs(), torch.full_like(n, mag), rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_zero_is_plain_embedding():
+    ids, weight = _inputs()
+    assert torch.equal(fastnoise.noisy_embedding(ids, weight, alpha=0.0), F.embedding(ids, weight))
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 7), (2, 3, 7), (1, 1)])
+def test_shapes_and_padded_length(shape):
+    weight = torch.randn(30, 10)
+    ids = torch.randint(0, 30, shape)
+    out = fastnoise.noisy_embedding(ids, weight, seed=5)
+    assert out.shape == shape + (10,)
+    mag = R.noise_scale(5.0, shape[-1], 10)
+    xi = R.draw_noise("uniform", ids.numel(), 10, 5)
+    assert torch.equal(out.reshape(-1, 10), weight[ids.reshape(-1)] + xi * torch.tensor(mag))
+
+
+def test_int32_ids_equal_int64_ids():
+    ids, weight = _inputs()
+    a = fastnoise.noisy_embedding(ids, weight, seed=9)
+    b = fastnoise.noisy_embedding(ids.int(), weight, seed=9)
+    assert torch.equal(a, b)
+
+
+def test_attention_mask_lengths_and_no_noise_on_padding():
+    ids, weight = _inputs(batch=3, length=8, d=16)
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [0] * 8])
+    out = fastnoise.noisy_embedding(ids, weight, attention_mask=mask, seed=2)
+    e = weight[ids]
+    assert torch.equal(out[1, 5:], e[1, 5:]) and torch.equal(out[2], e[2])
+    xi = R.draw_noise("uniform", 24, 16, 2).view(3, 8, 16)
+    for row, length in [(0, 8), (1, 5)]:
+        mag = torch.tensor(R.noise_scale(5.0, length, 16))
+        assert torch.equal(out[row, :length], e[row, :length] + xi[row, :length] * mag)
+    assert torch.isfinite(out).all()
+    # bool masks mean the same
+    assert torch.equal(out, fastnoise.noisy_embedding(ids, weight, attention_mask=mask.bool(),
+                                                      seed=2))
+
+
+def test_symmetric_pair_shares_noise():
+    ids, weight = _inputs(batch=2)
+    pair = fastnoise.noisy_embedding(ids, weight, noise="bernoulli", symmetric=True, seed=3)
+    assert pair.shape == (4, 11, 24)
+    torch.testing.assert_close(pair[:2] + pair[2:], 2 * weight[ids], rtol=0, atol=1e-6)
+    single = fastnoise.noisy_embedding(ids, weight, noise="bernoulli", seed=3)
+    assert torch.equal(pair[:2], single)
+    one_d = fastnoise.noisy_embedding(ids[0], weight, symmetric=True, seed=3)
+    assert one_d.shape == (22, 24)
+
+
+def test_seed_determinism_and_fresh_noise():
+    ids, weight = _inputs()
+    assert torch.equal(fastnoise.noisy_embedding(ids, weight, seed=11),
+                       fastnoise.noisy_embedding(ids, weight, seed=11))
+    a = fastnoise.noisy_embedding(ids, weight)
+    b = fastnoise.noisy_embedding(ids, weight)
+    assert not torch.equal(a, b)  # every call new noise
+    torch.manual_seed(123)
+    c = fastnoise.noisy_embedding(ids, weight)
+    torch.manual_seed(123)
+    assert torch.equal(c, fastnoise.noisy_embedding(ids, weight))  # manual_seed repeats
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradient_is_that_of_the_plain_embedding(symmetric):
+    ids, weight = _inputs()
+    w1 = weight.clone().requires_grad_()
+    w2 = weight.clone().requires_grad_()
+    out = fastnoise.noisy_embedding(ids, w1, symmetric=symmetric, padding_idx=4, seed=1)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    plain = F.embedding(ids, w2, padding_idx=4)
+    if symmetric:
+        plain = torch.cat([plain, plain])
+    plain.backward(grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+    assert torch.equal(w1.grad[4], torch.zeros(24))
+
+
+def test_gradcheck_double():
+    ids = torch.randint(0, 6, (2, 3))
+    weight = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    fn = lambda w: fastnoise.noisy_embedding(ids, w, symmetric=True, seed=5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (weight,))
+
+
+def test_empty_input():
+    weight = torch.randn(10, 4)
+    assert fastnoise.noisy_embedding(torch.zeros(0, dtype=torch.long), weight).shape == (0, 4)
+    assert fastnoise.noisy_embedding(torch.zeros(2, 0, dtype=torch.long), weight).shape == (2, 0, 4)
+    out = fastnoise.noisy_embedding(torch.zeros(0, 3, dtype=torch.long), weight, symmetric=True)
+    assert out.shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(input=torch.tensor([[0, 10]])), IndexError, "out of range"),
+    (dict(input=torch.tensor([[-1, 2]])), IndexError, "out of range"),
+    (dict(input=torch.tensor([[0.0, 1.0]])), TypeError, "int32 or int64"),
+    (dict(input=torch.tensor([[0, 1]], dtype=torch.int16)), TypeError, "int32 or int64"),
+    (dict(attention_mask=torch.ones(1, 3)), ValueError, "shape"),
+    (dict(attention_mask=torch.ones(1, 2)), TypeError, "bool or integer"),
+    (dict(alpha=-1.0), ValueError, "alpha"),
+    (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(alpha=float("inf")), ValueError, "alpha"),
+    (dict(alpha="5"), TypeError, "alpha"),
+    (dict(noise="laplace"), ValueError, "noise kind"),
+    (dict(backend="metal"), ValueError, "backend"),
+    (dict(weight=torch.randn(10)), ValueError, "2-D"),
+    (dict(weight=torch.randn(2, 10, 3)), ValueError, "2-D"),
+    (dict(weight=torch.ones(10, 3, dtype=torch.long)), TypeError, "floating"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=2**64), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(padding_idx=10), ValueError, "padding_idx"),
+])
+def test_bad_inputs(kwargs, error, match):
+    args = dict(input=torch.tensor([[0, 1]]), weight=torch.randn(10, 3))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        fastnoise.noisy_embedding(args.pop("input"), args.pop("weight"), **args)
+
+
+def test_unavailable_backend_says_what_is_missing():
+    ids, weight = _inputs()
+    for name in ("cuda",):
+        with pytest.raises(fastnoise.BackendUnavailableError, match=name):
+            fastnoise.noisy_embedding(ids, weight, backend=name)
+
+
+def test_available_backends():
+    names = fastnoise.available_backends("cpu")
+    assert "reference" in names
+    assert "cuda" not in names
+    assert all(n in ("reference", "triton", "cuda", "cpu") for n in names)
