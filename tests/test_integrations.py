@@ -1,0 +1,200 @@
+"""patch / unpatch on tiny transformers models built from configs (no downloads)."""
+
+import pytest
+import torch
+
+import fastnoise
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2,
+                                  n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=64)
+    return transformers.BertForMaskedLM(cfg)
+
+
+def _t5():
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=1,
+                                num_heads=2, decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert, "t5": _t5}
+
+
+def _batch(name, batch=2, length=10):
+    ids = torch.randint(1, VOCAB, (batch, length))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if name == "t5":
+        inputs["labels"] = torch.randint(1, VOCAB, (batch, 6))
+    elif name == "bert":
+        inputs["labels"] = ids.clone()
+    else:
+        inputs["labels"] = ids.masked_fill(mask == 0, -100)
+    return inputs
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patch_eval_exact_train_noisy_unpatch_restores(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    batch = _batch(name)
+    original = model.get_input_embeddings()
+    model.eval()
+    clean = _logits(model, batch)
+
+    assert fastnoise.patch(model, "neftune", alpha=5.0) is model
+    noisy_emb = model.get_input_embeddings()
+    assert isinstance(noisy_emb, fastnoise.NoisyEmbedding) and fastnoise.is_patched(model)
+    assert noisy_emb.weight is original.weight
+    assert torch.equal(_logits(model, batch), clean)  # eval: exactly the unpatched model
+
+    model.train()
+    torch.manual_seed(1)
+    train_a = _logits(model, batch)
+    model.config.use_cache = False
+    # training-mode outputs differ from clean ones (dropout off so only the noise acts)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    noisy = _logits(model, batch)
+    fastnoise.unpatch(model)
+    assert model.get_input_embeddings() is original and not fastnoise.is_patched(model)
+    model.train()
+    clean_train = _logits(model, batch)
+    assert not torch.allclose(noisy, clean_train)
+    assert train_a.shape == clean.shape
+    model.eval()
+    assert torch.equal(_logits(model, batch), clean)
+
+
+def test_gpt2_tied_lm_head_stays_tied_and_trains():
+    torch.manual_seed(0)
+    model = _gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    fastnoise.patch(model, "symnoise", alpha=5.0)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    model.train()
+    batch = _batch("gpt2")
+    out = model(**batch)
+    assert out.logits.shape[0] == 4  # the SymNoise pair doubles the batch
+    out.loss.backward()
+    assert model.transformer.wte.weight.grad is not None
+    assert torch.isfinite(out.loss)
+
+
+def test_symnoise_loss_is_the_mean_of_the_pair():
+    torch.manual_seed(0)
+    model = _llama()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = _batch("llama")
+    batch["labels"] = batch["input_ids"].clone()  # same token count in each half
+    fastnoise.patch(model, "symnoise", alpha=5.0)
+    model.train()
+    torch.manual_seed(3)
+    loss = model(**batch).loss
+    torch.manual_seed(3)
+    pair = fastnoise.noisy_embedding(batch["input_ids"], model.get_input_embeddings().weight,
+                                     noise="bernoulli", symmetric=True, alpha=5.0)
+    fastnoise.unpatch(model)
+    halves = [model(inputs_embeds=pair[i * 2:(i + 1) * 2],
+                    attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+              for i in range(2)]
+    torch.testing.assert_close(loss, (halves[0] + halves[1]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_twice_is_safe_and_attention_mask_option():
+    torch.manual_seed(0)
+    model = _llama()
+    original = model.get_input_embeddings()
+    fastnoise.patch(model, "neftune")
+    fastnoise.patch(model, "gaussian", alpha=10.0, use_attention_mask=True)
+    emb = model.get_input_embeddings()
+    assert emb.noise == "gaussian" and emb.alpha == 10.0
+    seen = {}
+    forward = emb.forward
+
+    def spy(ids, attention_mask=None):
+        out = forward(ids, attention_mask)
+        seen["noise"] = (out - torch.nn.functional.embedding(ids, emb.weight)).detach()
+        return out
+
+    emb.forward = spy
+    model.train()
+    batch = _batch("llama")
+    model(**batch)
+    assert torch.equal(seen["noise"][1, 7:], torch.zeros_like(seen["noise"][1, 7:]))
+    assert seen["noise"][0].abs().min() > 0
+    del emb.forward
+    fastnoise.unpatch(model)
+    assert model.get_input_embeddings() is original
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_symmetric_on_encoder_decoder_is_refused():
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        fastnoise.patch(_t5(), "symnoise")
+
+
+def test_patch_needs_input_embeddings():
+    with pytest.raises(TypeError, match="get_input_embeddings"):
+        fastnoise.patch(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="method"):
+        fastnoise.patch(_llama(), "mixout")
+
+
+def test_peft_lora_model():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _llama()
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                     task_type="CAUSAL_LM"))
+    batch = _batch("llama")
+    lora.eval()
+    clean = _logits(lora, batch)
+    fastnoise.patch(lora, "neftune")
+    assert isinstance(base.get_input_embeddings(), fastnoise.NoisyEmbedding)
+    assert torch.equal(_logits(lora, batch), clean)
+    lora.train()
+    loss = lora(**batch).loss
+    loss.backward()
+    assert any(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
+    fastnoise.unpatch(lora)
+    assert not isinstance(base.get_input_embeddings(), fastnoise.NoisyEmbedding)
+
+
+def test_noisytune_on_a_transformers_model():
+    torch.manual_seed(0)
+    model = _gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fastnoise.noisytune_(model, 0.15, seed=1)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "transformer.wte.weight" in changed and "transformer.h.0.attn.c_attn.weight" in changed
+    assert "transformer.ln_f.weight" not in changed  # all ones: std 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
