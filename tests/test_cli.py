@@ -56,3 +56,27 @@ def test_main_usage():
     from fastnoise.__main__ import main
     assert main(["--help"]) == 0
     assert main(["nonsense"]) == 2
+
+
+def test_bench_quick_writes_csv_and_png(tmp_path):
+    csv_path, png_path = tmp_path / "bench.csv", tmp_path / "bench.png"
+    proc = subprocess.run([sys.executable, "-m", "fastnoise", "bench", "--device", "cpu",
+                           "--quick", "--csv", str(csv_path), "--plot", str(png_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "copy bandwidth" in proc.stdout and "speedup vs peers" in proc.stdout
+    assert "F.embedding" in proc.stdout and "hf_hook" in proc.stdout
+    assert "[  1]" in proc.stderr  # progress while it runs
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("workload,impl,ms") and len(rows) > 10
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_derives_ratios():
+    from fastnoise.bench import Result, _derive
+    rows = [Result("w", "F.embedding", 1.0, 10**9, None),
+            Result("w", "hf_hook", 4.0, 10**9, None),
+            Result("w", "fastnoise[x]", 2.0, 10**9, None)]
+    _derive(rows, copy_gbps=1000.0)
+    assert rows[2].speedups == {"F.embedding": 0.5, "hf_hook": 2.0}
+    assert rows[2].gbps == 500.0 and rows[2].pct_copy == 50.0

@@ -1,0 +1,348 @@
+"""``python -m fastnoise bench``: fastnoise's backends vs what users run today, in one run.
+
+Peers: plain ``F.embedding`` (the limit for the noisy embedding), the Hugging Face NEFTune hook
+path (``F.embedding`` then ``out + zeros_like(out).uniform_(-mag, mag)``), the same under
+torch.compile, torch-ops Gaussian noise, the torch-ops SymNoise pair (``cat([e + n, e - n])``)
+and the NoisyTune snippet loop. The memory-copy bandwidth of the device, measured in the same
+run, is the physical limit. Times are medians (``triton.testing.do_bench`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .backends import available_backends, triton_interpreter_enabled
+from .functional import noisy_embedding, noisytune_
+
+GPU_SHAPES = [(8, 2048, 4096, 32000), (4, 4096, 4096, 128256), (16, 512, 2048, 50257),
+              (1, 512, 768, 30522)]
+CPU_SHAPES = [(8, 512, 1024, 32000), (1, 128, 256, 1000)]
+QUICK_CPU_SHAPES = [(1, 128, 256, 1000)]
+QUICK_GPU_SHAPES = [(8, 2048, 4096, 32000), (1, 512, 768, 30522)]
+MIB = 2**20
+#: the peer each workload is judged against first (what users run today)
+MAIN_PEERS = ("hf_hook", "torch_pair", "torch_gaussian", "snippet_loop")
+
+
+@dataclass
+class Result:
+    workload: str  # e.g. "forward/uniform B=8 L=2048 d=4096 V=32000"
+    impl: str  # e.g. "fastnoise[triton]", "F.embedding", "hf_hook"
+    ms: float
+    bytes_moved: int
+    extra_mib: Optional[float]
+    gbps: float = 0.0
+    pct_copy: float = 0.0
+    speedups: Dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+def _time_ms(fn: Callable, device: torch.device, quick: bool) -> float:
+    """Median milliseconds of fn()."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                              return_mode="median"))
+    fn()  # warm-up
+    times, budget, start = [], (0.3 if quick else 1.5), time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _extra_mib(fn: Callable, device: torch.device) -> Optional[float]:
+    """Peak memory of one call beyond what was allocated before it (GPU only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return peak / MIB
+
+
+def copy_bandwidth(device: torch.device, quick: bool) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    n = 256 * MIB  # far larger than any cache
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, quick)
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------------------
+# Peers: what users run today
+# --------------------------------------------------------------------------------------
+def hf_neftune_hook(ids, weight, alpha):
+    """transformers' integrations/neftune.py: noise on every position, L = padded length."""
+    out = F.embedding(ids, weight)
+    mag = alpha / math.sqrt(out.size(1) * out.size(2))
+    return out + torch.zeros_like(out).uniform_(-mag, mag)
+
+
+def torch_gaussian(ids, weight, alpha):
+    out = F.embedding(ids, weight)
+    return out + torch.randn_like(out) * (alpha / math.sqrt(out.size(1) * out.size(2)))
+
+
+def torch_symnoise_pair(ids, weight, alpha):
+    e = F.embedding(ids, weight)
+    mag = alpha / math.sqrt(e.size(1) * e.size(2))
+    n = (torch.randint_like(e, 0, 2) * 2 - 1) * mag
+    return torch.cat([e + n, e - n])
+
+
+@torch.no_grad()
+def noisytune_snippet(params, lam=0.15):
+    """The NoisyTune paper's loop."""
+    for p in params:
+        p.add_((torch.rand_like(p) - 0.5) * lam * torch.std(p))
+
+
+def llama_like_shapes(device: torch.device):
+    """A Llama-1B-like parameter set on a GPU (~0.85 B params, 147 tensors), small on a CPU."""
+    if device.type == "cuda":
+        vocab, hidden, inter, kv, layers = 32000, 2048, 5632, 512, 16
+    else:
+        vocab, hidden, inter, kv, layers = 1000, 128, 352, 32, 4
+    shapes = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
+                   (inter, hidden), (inter, hidden), (hidden, inter), (hidden,), (hidden,)]
+    return shapes + [(hidden,), (vocab, hidden)]
+
+
+# --------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------
+def fast_backends(device: torch.device, dtype) -> List[str]:
+    names = [n for n in available_backends(device, dtype) if n != "reference"]
+    if device.type == "cpu" and triton_interpreter_enabled():
+        names = [n for n in names if n != "triton"]  # the interpreter is a test tool
+    return names + ["reference"] if device.type == "cpu" else names
+
+
+def run_bench(device, quick=False, shapes=None, dtype=None, compile_peers=True,
+              progress: Optional[Callable[[str], None]] = None) -> List[Result]:
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if shapes is None:
+        shapes = {("cuda", False): GPU_SHAPES, ("cuda", True): QUICK_GPU_SHAPES,
+                  ("cpu", False): CPU_SHAPES, ("cpu", True): QUICK_CPU_SHAPES}[
+                      (device.type, quick)]
+    say = progress or (lambda msg: None)
+    say("copy bandwidth")
+    copy_gbps = copy_bandwidth(device, quick)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    backends = fast_backends(device, dtype)
+    results: List[Result] = []
+
+    def measure(workload, impl, fn, nbytes):
+        say(f"{workload}: {impl}")
+        ms = _time_ms(fn, device, quick)
+        extra = _extra_mib(fn, device)
+        results.append(Result(workload, impl, ms, nbytes, extra))
+
+    compiled_hook = torch.compile(hf_neftune_hook) if compile_peers else None
+    compiled_pair = torch.compile(torch_symnoise_pair) if compile_peers else None
+    alpha = 5.0
+    for batch, length, d, vocab in shapes:
+        shape = f"B={batch} L={length} d={d} V={vocab}"
+        weight = torch.randn(vocab, d, device=device, dtype=dtype)
+        ids = torch.randint(0, vocab, (batch, length), device=device)
+        one = batch * length * d * elt  # one pass over the output
+        fwd = f"forward/uniform {shape}"
+        measure(fwd, "F.embedding", lambda: F.embedding(ids, weight), 2 * one)
+        measure(fwd, "hf_hook", lambda: hf_neftune_hook(ids, weight, alpha), 2 * one)
+        if compiled_hook is not None:
+            measure(fwd, "hf_hook+compile", lambda: compiled_hook(ids, weight, alpha), 2 * one)
+        for name in backends:
+            measure(fwd, f"fastnoise[{name}]",
+                    lambda: noisy_embedding(ids, weight, alpha=alpha, backend=name), 2 * one)
+        gauss = f"forward/gaussian {shape}"
+        measure(gauss, "F.embedding", lambda: F.embedding(ids, weight), 2 * one)
+        measure(gauss, "torch_gaussian", lambda: torch_gaussian(ids, weight, alpha), 2 * one)
+        for name in backends:
+            measure(gauss, f"fastnoise[{name}]",
+                    lambda: noisy_embedding(ids, weight, noise="gaussian", alpha=alpha,
+                                            backend=name), 2 * one)
+        sign = f"forward/bernoulli {shape}"
+        measure(sign, "F.embedding", lambda: F.embedding(ids, weight), 2 * one)
+        for name in backends:
+            measure(sign, f"fastnoise[{name}]",
+                    lambda: noisy_embedding(ids, weight, noise="bernoulli", alpha=alpha,
+                                            backend=name), 2 * one)
+        pair = f"symmetric pair {shape}"
+        measure(pair, "torch_pair", lambda: torch_symnoise_pair(ids, weight, alpha), 3 * one)
+        if compiled_pair is not None:
+            measure(pair, "torch_pair+compile", lambda: compiled_pair(ids, weight, alpha),
+                    3 * one)
+        for name in backends:
+            measure(pair, f"fastnoise[{name}]",
+                    lambda: noisy_embedding(ids, weight, noise="bernoulli", symmetric=True,
+                                            alpha=alpha, backend=name), 3 * one)
+        # forward + backward: the dense weight gradient dominates the bytes
+        wgrad = weight.clone().requires_grad_()
+        grad = torch.randn(batch, length, d, device=device, dtype=dtype)
+        fb = f"forward+backward {shape}"
+        fb_bytes = 4 * one + vocab * d * elt
+
+        def hf_step():
+            wgrad.grad = None
+            hf_neftune_hook(ids, wgrad, alpha).backward(grad)
+
+        measure(fb, "hf_hook", hf_step, fb_bytes)
+        for name in backends:
+            def step(name=name):
+                wgrad.grad = None
+                noisy_embedding(ids, wgrad, alpha=alpha, backend=name).backward(grad)
+            measure(fb, f"fastnoise[{name}]", step, fb_bytes)
+        del wgrad, grad, weight
+
+    params = [torch.randn(s, device=device, dtype=dtype) * 0.02 for s in llama_like_shapes(device)]
+    total = sum(p.numel() for p in params)
+    nt = f"noisytune {total / 1e6:.0f}M params, {len(params)} tensors"
+    measure(nt, "snippet_loop", lambda: noisytune_snippet(params), 3 * total * elt)
+    for name in backends:
+        measure(nt, f"fastnoise[{name}]", lambda: noisytune_(params, 0.15, backend=name),
+                3 * total * elt)
+
+    _derive(results, copy_gbps)
+    return results, copy_gbps
+
+
+def _derive(results: List[Result], copy_gbps: float) -> None:
+    by_workload: Dict[str, Dict[str, Result]] = {}
+    for r in results:
+        r.gbps = r.bytes_moved / (r.ms * 1e-3) / 1e9
+        r.pct_copy = 100 * r.gbps / copy_gbps
+        by_workload.setdefault(r.workload, {})[r.impl] = r
+    for group in by_workload.values():
+        peers = {k: v for k, v in group.items() if not k.startswith("fastnoise")}
+        for r in group.values():
+            if r.impl.startswith("fastnoise"):
+                r.speedups = {k: p.ms / r.ms for k, p in peers.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+def format_table(results: List[Result]) -> str:
+    lines = [f"{'workload':44s} {'impl':22s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} "
+             f"{'+MiB':>7s}  speedup vs peers"]
+    for r in results:
+        extra = "-" if r.extra_mib is None else f"{r.extra_mib:.1f}"
+        speed = ", ".join(f"{k} {v:.2f}x" for k, v in r.speedups.items())
+        lines.append(f"{r.workload:44s} {r.impl:22s} {r.ms:9.4f} {r.gbps:8.1f} "
+                     f"{r.pct_copy:6.1f} {extra:>7s}  {speed}")
+    return "\n".join(lines)
+
+
+def write_csv(results: List[Result], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["workload", "impl", "ms", "bytes", "gbps", "pct_copy", "extra_mib",
+                         "speedups"])
+        for r in results:
+            writer.writerow([r.workload, r.impl, f"{r.ms:.6f}", r.bytes_moved, f"{r.gbps:.2f}",
+                             f"{r.pct_copy:.2f}", "" if r.extra_mib is None else
+                             f"{r.extra_mib:.2f}",
+                             ";".join(f"{k}={v:.3f}" for k, v in r.speedups.items())])
+
+
+def write_plot(results: List[Result], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r.workload for r in results))
+    impls = list(dict.fromkeys(r.impl for r in results))
+    fig, (ax_bw, ax_sp) = plt.subplots(2, 1, figsize=(12, 9), constrained_layout=True)
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        xs, bw = [], []
+        for w, workload in enumerate(workloads):
+            match = [r for r in results if r.workload == workload and r.impl == impl]
+            if match:
+                xs.append(w + i * width)
+                bw.append(match[0].pct_copy)
+        ax_bw.bar(xs, bw, width, label=impl)
+    ax_bw.set_ylabel("% of copy bandwidth")
+    ax_bw.set_xticks([w + 0.4 for w in range(len(workloads))])
+    ax_bw.set_xticklabels(workloads, rotation=20, ha="right", fontsize=7)
+    ax_bw.legend(fontsize=7, ncol=3)
+    ax_bw.set_title(title)
+    fast = [r for r in results if r.speedups]
+    peer = [next((r.speedups[k] for k in MAIN_PEERS if k in r.speedups), float("nan"))
+            for r in fast]
+    limit = [r.speedups.get("F.embedding", float("nan")) for r in fast]
+    ys = list(range(len(fast)))
+    ax_sp.barh([y + 0.2 for y in ys], peer, 0.4, label="speedup vs what users run today "
+               "(HF hook / torch-ops pair / torch Gaussian / NoisyTune loop)")
+    ax_sp.barh([y - 0.2 for y in ys], limit, 0.4,
+               label="F.embedding time / fastnoise time (1 = noise for free)")
+    ax_sp.axvline(1.0, color="k", lw=0.8)
+    ax_sp.set_xscale("log")
+    ax_sp.set_yticks(ys)
+    ax_sp.set_yticklabels([f"{r.impl} | {r.workload}" for r in fast], fontsize=6)
+    ax_sp.set_xlabel("ratio (log scale, higher is better)")
+    ax_sp.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastnoise bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile peers (they take a while to compile)")
+    parser.add_argument("--csv", help="write every measurement to this CSV file")
+    parser.add_argument("--plot", help="write a PNG plot of bandwidth and speedups")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = (f"fastnoise bench on {name}, torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}")
+    print(header, flush=True)
+    step = [0]
+
+    def progress(msg):
+        step[0] += 1
+        print(f"  [{step[0]:3d}] {msg}", file=sys.stderr, flush=True)
+
+    results, copy_gbps = run_bench(device, quick=args.quick,
+                                   compile_peers=not (args.no_compile or
+                                                      (args.quick and device.type == "cpu")),
+                                   progress=progress)
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (bytes read + written)")
+    print(format_table(results))
+    if args.csv:
+        write_csv(results, args.csv)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        write_plot(results, args.plot, header)
+        print(f"wrote {args.plot}")
+    return 0
