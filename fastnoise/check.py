@@ -72,7 +72,8 @@ def _forward_error(backend: str, noise: str, dtype, device) -> float:
         alpha = 5.0
         got = noisy_embedding(ids, weight, noise=noise, alpha=alpha, symmetric=symmetric,
                               attention_mask=mask, seed=seed, backend=backend)
-        tok_mag = None if mask is None else reference.token_scale(alpha, mask, d)
+        tok_mag = None if mask is None else reference.token_scale(alpha, d, seq_len=length,
+                                                                   attention_mask=mask)
         mag = reference.noise_scale(alpha, length, d)
         want = reference.noisy_embedding(ids.reshape(-1), weight, noise=noise, mag=mag,
                                          tok_mag=tok_mag, seed=seed, symmetric=symmetric)

@@ -86,6 +86,32 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
 
 
+def _check_like_input(name: str, value, input: torch.Tensor) -> None:
+    """attention_mask / position_ids: an integer or bool tensor shaped like the ids."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor) or value.shape != input.shape:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+        raise ValueError(f"{name} must have the shape of input {tuple(input.shape)}, got {shape}")
+    if value.device != input.device:
+        raise ValueError(f"{name} is on {value.device}, input on {input.device}")
+    if value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{name} must be bool or integer, got {value.dtype}")
+
+
+def _check_cu_seqlens(cu_seqlens, input: torch.Tensor) -> None:
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
+            or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 1):
+        raise ValueError("cu_seqlens must be a 1-D integer tensor of sequence boundaries")
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    first, last, smallest = torch.stack([cu_seqlens[0], cu_seqlens[-1],
+                                         steps.min() if steps.numel() else cu_seqlens[0] * 0]
+                                        ).tolist()
+    if first != 0 or last != input.numel() or smallest < 0:
+        raise ValueError(f"cu_seqlens must rise from 0 to input.numel() = {input.numel()}, "
+                         f"got {first} .. {last}")
+
+
 # --------------------------------------------------------------------------------------
 # Seeds
 # --------------------------------------------------------------------------------------
@@ -141,7 +167,8 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
                     alpha: float = 5.0, symmetric: bool = False,
                     attention_mask: Optional[torch.Tensor] = None,
                     padding_idx: Optional[int] = None, seed: Optional[int] = None,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", position_ids: Optional[torch.Tensor] = None,
+                    cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Embedding lookup plus NEFTune-style noise, fused: ``weight[input] + mag * xi``.
 
     Args:
@@ -158,6 +185,10 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
         seed: 64-bit seed of the Philox stream; None draws one from torch's default
             generator for the device (so ``torch.manual_seed`` makes runs repeatable).
         backend: "auto", "reference", "triton", "cuda" or "cpu".
+        position_ids: packed rows (several examples per row, as TRL's packing makes): a new
+            sequence starts wherever ``position_ids`` is 0, and L is each sequence's own length.
+        cu_seqlens: the same for flash-attention's varlen layout: sequence boundaries
+            ``[0, len_0, len_0 + len_1, ..., input.numel()]`` over the flattened ids.
 
     Returns:
         (*input.shape, d), or with ``symmetric`` (2 * input.shape[0], *input.shape[1:], d).
@@ -175,16 +206,10 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
                              f"{weight.shape[0]} embeddings")
         padding_idx %= weight.shape[0]
     d = weight.shape[1]
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input.shape:
-            shape = getattr(attention_mask, "shape", None)
-            raise ValueError(f"attention_mask must have the shape of input {tuple(input.shape)}, "
-                             f"got {tuple(shape) if shape is not None else attention_mask!r}")
-        if attention_mask.device != input.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device}, input on "
-                             f"{input.device}")
-        if attention_mask.is_floating_point() or attention_mask.is_complex():
-            raise TypeError(f"attention_mask must be bool or integer, got {attention_mask.dtype}")
+    _check_like_input("attention_mask", attention_mask, input)
+    _check_like_input("position_ids", position_ids, input)
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, input)
 
     chosen = resolve_backend(backend, weight.device, weight.dtype)
     if symmetric:
@@ -198,8 +223,14 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
 
     length = input.shape[-1] if input.dim() > 0 else 1
     tok_mag, mag = None, reference.noise_scale(alpha, length, d)
-    if attention_mask is not None:
-        tok_mag = reference.token_scale(alpha, attention_mask.reshape(-1, length), d)
+    segments = None
+    if cu_seqlens is not None:
+        segments = reference.segments_from_cu_seqlens(cu_seqlens, input.numel())
+    elif position_ids is not None:
+        segments = reference.segments_from_position_ids(position_ids)
+    if attention_mask is not None or segments is not None:
+        tok_mag = reference.token_scale(alpha, d, seq_len=length, attention_mask=attention_mask,
+                                        segments=segments)
     if seed is None:
         seed, offset = draw_seed(weight.device, reference.counters_used(noise, input.numel(), d))
     else:

@@ -45,8 +45,10 @@ counter ``start_t + i // 4`` and word ``i % 4``, as ``uniform01``. Skipped tenso
 their counters, so the noise of a tensor depends only on its position.
 
 Scale. ``mag = float32(alpha / sqrt(L * d))`` computed in float64 and rounded once. ``L`` is
-the padded length (last dim of the ids) or, with an ``attention_mask``, each sequence's count
-of nonzero mask entries; masked tokens and all-zero rows get ``mag = 0``. Output:
+the padded length (last dim of the ids); for packed rows, each segment's length (segments
+start where ``position_ids`` is 0, or at ``cu_seqlens`` boundaries); with an
+``attention_mask``, only nonzero mask entries count, and masked tokens and sequences of
+length 0 get ``mag = 0``. Output:
 ``out = dtype(float32(e) + float32(xi * mag))`` (and ``e - n`` for the second half of a
 symmetric pair); float64 weights add in float64. NoisyTune: ``s = float32(lam) * std(W)`` (unbiased, float32),
 ``W = dtype(float32(W) + (u - 0.5) * s)``.
@@ -63,6 +65,7 @@ __all__ = [
     "PHILOX_KEY_A", "PHILOX_KEY_B", "PHILOX_ROUND_A", "PHILOX_ROUND_B",
     "WORDS_PER_COUNTER", "ELEMENTS_PER_COUNTER", "counters_per_row", "counters_used",
     "philox4x32", "uniform01", "noise_words", "draw_noise", "noise_scale", "token_scale",
+    "segments_from_position_ids", "segments_from_cu_seqlens",
     "noisy_embedding", "embedding_backward", "noisytune_offsets", "noisytune_",
 ]
 
@@ -192,14 +195,46 @@ def noise_scale(alpha: float, length: int, d: int) -> float:
     return float(torch.tensor(mag, dtype=torch.float64).to(torch.float32))
 
 
-def token_scale(alpha: float, attention_mask: torch.Tensor, d: int) -> torch.Tensor:
-    """Per-token float32 mag, flattened (N,): each sequence's own L from its mask ones;
-    masked tokens and all-zero sequences get 0."""
-    keep = attention_mask != 0
-    lengths = keep.sum(dim=-1, keepdim=True, dtype=torch.float64)
-    mag = float(alpha) / torch.sqrt(lengths * float(d))  # inf where L == 0, masked below
+def segments_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Flat segment index of each token of packed rows: a segment starts at each
+    ``position_ids == 0`` and at the start of every row."""
+    starts = position_ids.reshape(-1, position_ids.shape[-1]) == 0
+    starts[:, 0] = True
+    return torch.cumsum(starts.reshape(-1).long(), 0) - 1
+
+
+def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Flat segment index of each token from flash-attention style boundaries
+    ``cu_seqlens = [0, len_0, len_0 + len_1, ..., n_tokens]``."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
+                                   output_size=n_tokens)
+
+
+def token_scale(alpha: float, d: int, *, seq_len: int,
+                attention_mask: Optional[torch.Tensor] = None,
+                segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token float32 mag, flattened (N,).
+
+    L is the length of the token's sequence: by default each row of ``seq_len`` tokens,
+    or the packed segment given by ``segments`` (flat segment index per token). With an
+    ``attention_mask`` L counts only the nonzero mask entries and masked tokens get 0; a
+    sequence with L == 0 gets 0 (no division by zero).
+    """
+    if attention_mask is not None:
+        keep = (attention_mask != 0).reshape(-1)
+    else:
+        n = segments.numel() if segments is not None else None
+        keep = torch.ones(n, dtype=torch.bool) if n is not None else None
+    if segments is None:
+        segments = torch.arange(keep.numel(), device=keep.device) // seq_len
+    keep = keep.to(segments.device)
+    lengths = torch.zeros(int(segments.max()) + 1 if segments.numel() else 0,
+                          dtype=torch.float64, device=segments.device)
+    lengths.index_add_(0, segments, keep.to(torch.float64))
+    mag = float(alpha) / torch.sqrt(lengths[segments] * float(d))  # inf where L == 0: masked
     mag = torch.where(keep, mag, torch.zeros((), dtype=torch.float64, device=mag.device))
-    return mag.to(torch.float32).reshape(-1)
+    return mag.to(torch.float32)
 
 
 # --------------------------------------------------------------------------------------

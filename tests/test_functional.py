@@ -117,7 +117,8 @@ def test_gradient_is_that_of_the_plain_embedding(symmetric):
 def test_gradcheck_double():
     ids = torch.randint(0, 6, (2, 3))
     weight = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    fn = lambda w: fastnoise.noisy_embedding(ids, w, symmetric=True, seed=5)  # noqa: E731
+    fn = lambda w: fastnoise.noisy_embedding(ids, w, symmetric=True, seed=5,  # noqa: E731
+                                             backend="reference")
     assert torch.autograd.gradcheck(fn, (weight,))
 
 
@@ -169,3 +170,21 @@ def test_available_backends():
     assert "reference" in names
     assert "cuda" not in names
     assert all(n in ("reference", "triton", "cuda", "cpu") for n in names)
+
+
+def test_packed_sequences_use_each_segment_length():
+    ids, weight = _inputs(batch=2, length=6, d=16)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    out = fastnoise.noisy_embedding(ids, weight, position_ids=pos, seed=4)
+    xi = R.draw_noise("uniform", 12, 16, 4)
+    lengths = torch.tensor([3, 3, 3, 2, 2, 1, 4, 4, 4, 4, 2, 2])
+    for t in range(12):
+        mag = torch.tensor(R.noise_scale(5.0, int(lengths[t]), 16))
+        assert torch.equal(out.reshape(12, 16)[t], weight[ids.reshape(-1)[t]] + xi[t] * mag)
+    cu = torch.tensor([0, 3, 5, 6, 10, 12], dtype=torch.int32)
+    assert torch.equal(out, fastnoise.noisy_embedding(ids, weight, cu_seqlens=cu, seed=4))
+    for bad in (torch.tensor([0, 3, 11]), torch.tensor([1, 12]), torch.tensor([0, 8, 5, 12])):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            fastnoise.noisy_embedding(ids, weight, cu_seqlens=bad)
+    with pytest.raises(ValueError, match="position_ids"):
+        fastnoise.noisy_embedding(ids, weight, position_ids=pos[:, :3])

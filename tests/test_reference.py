@@ -114,7 +114,7 @@ def test_noise_scale(alpha, length, d):
 
 def test_token_scale_with_mask():
     mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]])
-    tok = R.token_scale(5.0, mask, 16).view(3, 4)
+    tok = R.token_scale(5.0, 16, seq_len=4, attention_mask=mask).view(3, 4)
     assert torch.equal(tok[0], torch.tensor([R.noise_scale(5.0, 3, 16)] * 3 + [0.0]))
     assert torch.equal(tok[1], torch.zeros(4))  # no noise and no division by zero
     assert tok[2, 0] == R.noise_scale(5.0, 2, 16) and tok[2, 1] == 0
@@ -151,3 +151,18 @@ def test_noisytune_offsets_and_formula():
     assert torch.equal(b, b0 + (u - 0.5) * (torch.tensor(0.15) * b0.std()))
     ua = R.uniform01(R.noise_words(4, 100, 8)).reshape(-1)[:30].view(6, 5)
     assert torch.equal(a, a0 + (ua - 0.5) * (torch.tensor(0.15) * a0.std()))
+
+
+def test_token_scale_of_packed_segments():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    seg = R.segments_from_position_ids(pos)
+    assert seg.tolist() == [0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 4]
+    tok = R.token_scale(5.0, 8, seq_len=6, segments=seg)
+    lengths = [3, 3, 3, 2, 2, 1, 4, 4, 4, 4, 2, 2]
+    assert tok.tolist() == [R.noise_scale(5.0, n, 8) for n in lengths]
+    cu = torch.tensor([0, 3, 5, 6, 10, 12])
+    assert torch.equal(R.segments_from_cu_seqlens(cu, 12), seg)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 5] = 0  # padding inside the last segment: L counts kept tokens only
+    tok = R.token_scale(5.0, 8, seq_len=6, segments=seg, attention_mask=mask)
+    assert tok[10] == R.noise_scale(5.0, 1, 8) and tok[11] == 0
