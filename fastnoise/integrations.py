@@ -30,7 +30,8 @@ def is_patched(model: nn.Module) -> bool:
 
 def patch(model: nn.Module, method: str = "neftune", alpha: float = 5.0, *,
           noise: Optional[str] = None, symmetric: Optional[bool] = None,
-          use_attention_mask: bool = False, backend: str = "auto") -> nn.Module:
+          use_attention_mask: bool = False, packing: bool = True,
+          backend: str = "auto") -> nn.Module:
     """Swap the model's input embedding for a :class:`NoisyEmbedding`; returns the model.
 
     The weight Parameter is shared (tied output embeddings stay tied). Noise is added only
@@ -38,6 +39,10 @@ def patch(model: nn.Module, method: str = "neftune", alpha: float = 5.0, *,
     (noise is never applied twice). With ``use_attention_mask=True`` the ``attention_mask``
     the model is called with gives each sequence its own length and no noise on padding
     (the NEFTune authors' code); by default L is the padded length (the Hugging Face hook).
+    With ``packing`` (the default), a call with ``position_ids`` that restart at 0, or with
+    flash-attention's ``cu_seq_lens_q``, gives each packed sequence its own L (the fix the
+    Hugging Face hook lacks, transformers issue #34659); plain ``arange`` position ids change
+    nothing.
     With a symmetric method the batch doubles inside the model: the batch-shaped inputs in
     :data:`PAIRED_INPUTS` are doubled too, so ``model(**batch).loss`` is the mean loss of
     the pair.
@@ -55,7 +60,7 @@ def patch(model: nn.Module, method: str = "neftune", alpha: float = 5.0, *,
     noisy.train(model.training)
     context = {}
     pre = model.register_forward_pre_hook(
-        _make_pre_hook(noisy, context, use_attention_mask), with_kwargs=True)
+        _make_pre_hook(noisy, context, use_attention_mask, packing), with_kwargs=True)
     post = model.register_forward_hook(lambda module, args, output: context.clear())
     noisy.__dict__[_STATE] = {"original": original, "hooks": (pre, post), "context": context}
     model.set_input_embeddings(noisy)
@@ -76,12 +81,17 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def _make_pre_hook(noisy: NoisyEmbedding, context: dict, use_attention_mask: bool):
+def _make_pre_hook(noisy: NoisyEmbedding, context: dict, use_attention_mask: bool,
+                   packing: bool):
     def hook(module, args, kwargs):
         if not (module.training and noisy.training):
             return None
         if use_attention_mask and isinstance(kwargs.get("attention_mask"), torch.Tensor):
             context["attention_mask"] = kwargs["attention_mask"]
+        if packing:
+            for ours, theirs in (("position_ids", "position_ids"), ("cu_seqlens", "cu_seq_lens_q")):
+                if isinstance(kwargs.get(theirs), torch.Tensor):
+                    context[ours] = kwargs[theirs]
         if not noisy.symmetric:
             return None
         doubled = dict(kwargs)

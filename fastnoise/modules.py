@@ -13,6 +13,12 @@ from .functional import check_method, check_noise, check_nonnegative, noisy_embe
 __all__ = ["NoisyEmbedding"]
 
 
+def _if_shaped_like(value, input):
+    if isinstance(value, torch.Tensor) and value.shape == input.shape:
+        return value
+    return None
+
+
 class NoisyEmbedding(nn.Embedding):
     """``nn.Embedding`` that adds NEFTune / Gaussian / SymNoise noise in training mode.
 
@@ -64,17 +70,24 @@ class NoisyEmbedding(nn.Embedding):
         new.train(embedding.training)
         return new
 
-    def forward(self, input: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    def forward(self, input: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None):
         if not self.training:
             return F.embedding(input, self.weight, self.padding_idx)
+        # fastnoise.patch puts the model call's mask / packing inputs here for its duration
+        context = self.__dict__.get("_fastnoise_context") or {}
         if attention_mask is None:
-            # set by fastnoise.patch(..., use_attention_mask=True) for the current model call
-            mask = self.__dict__.get("_fastnoise_context", {}).get("attention_mask")
-            if mask is not None and mask.shape == input.shape:
-                attention_mask = mask
+            attention_mask = _if_shaped_like(context.get("attention_mask"), input)
+        if position_ids is None and cu_seqlens is None:
+            position_ids = _if_shaped_like(context.get("position_ids"), input)
+            cu_seqlens = context.get("cu_seqlens")
+            if cu_seqlens is not None and int(cu_seqlens[-1]) != input.numel():
+                cu_seqlens = None
         return noisy_embedding(input, self.weight, noise=self.noise, alpha=self.alpha,
                                symmetric=self.symmetric, attention_mask=attention_mask,
-                               padding_idx=self.padding_idx, backend=self.backend)
+                               padding_idx=self.padding_idx, backend=self.backend,
+                               position_ids=position_ids, cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, noise={self.noise!r}, alpha={self.alpha}, "

@@ -137,15 +137,7 @@ def test_patch_twice_is_safe_and_attention_mask_option():
     fastnoise.patch(model, "gaussian", alpha=10.0, use_attention_mask=True)
     emb = model.get_input_embeddings()
     assert emb.noise == "gaussian" and emb.alpha == 10.0
-    seen = {}
-    forward = emb.forward
-
-    def spy(ids, attention_mask=None):
-        out = forward(ids, attention_mask)
-        seen["noise"] = (out - torch.nn.functional.embedding(ids, emb.weight)).detach()
-        return out
-
-    emb.forward = spy
+    seen = _noise_spy(emb)
     model.train()
     batch = _batch("llama")
     model(**batch)
@@ -198,3 +190,37 @@ def test_noisytune_on_a_transformers_model():
     assert "transformer.wte.weight" in changed and "transformer.h.0.attn.c_attn.weight" in changed
     assert "transformer.ln_f.weight" not in changed  # all ones: std 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _noise_spy(emb):
+    seen = {}
+    forward = emb.forward
+
+    def spy(ids, *args, **kwargs):
+        out = forward(ids, *args, **kwargs)
+        seen["noise"] = (out - torch.nn.functional.embedding(ids, emb.weight)).detach()
+        return out
+
+    emb.forward = spy
+    return seen
+
+
+def test_packed_rows_get_each_sequence_length():
+    torch.manual_seed(0)
+    model = _llama()
+    fastnoise.patch(model, "neftune", noise="bernoulli", alpha=5.0)
+    model.train()
+    emb = model.get_input_embeddings()
+    seen = _noise_spy(emb)
+    ids = torch.randint(1, VOCAB, (1, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2, 3]])  # three packed examples: 4, 2, 4
+    model(input_ids=ids, position_ids=pos)
+    d = emb.weight.shape[1]
+    got = seen["noise"].abs()[0]  # ±1 noise: |n| is mag, up to the rounding of (e + n) - e
+    lengths = torch.tensor([4, 4, 4, 4, 2, 2, 4, 4, 4, 4], dtype=torch.float32)
+    torch.testing.assert_close(got, (5.0 / (lengths * d).sqrt())[:, None].expand_as(got),
+                               rtol=1e-5, atol=1e-6)
+    model(input_ids=ids, position_ids=torch.arange(10)[None])  # unpacked: padded L
+    torch.testing.assert_close(seen["noise"].abs(),
+                               torch.full_like(seen["noise"], 5.0 / (10 * d) ** 0.5),
+                               rtol=1e-5, atol=1e-6)
