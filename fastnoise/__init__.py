@@ -6,12 +6,13 @@ draw; the Triton, CUDA and C++ CPU backends reproduce it in single fused kernels
 
 from . import reference
 from .backends import BackendUnavailableError, available_backends
-from .functional import METHODS, NOISE_KINDS, noisy_embedding, noisytune_
+from .functional import (METHODS, NOISE_KINDS, noisy_embedding, noisytune_,
+                         set_rank_distinct_noise)
 from .integrations import is_patched, patch, unpatch
 from .modules import NoisyEmbedding
 
 __version__ = "0.1.0"
 __all__ = [
     "noisy_embedding", "noisytune_", "NoisyEmbedding", "patch", "unpatch", "is_patched",
-    "available_backends", "BackendUnavailableError", "METHODS", "NOISE_KINDS", "reference",
+    "available_backends", "set_rank_distinct_noise", "BackendUnavailableError", "METHODS", "NOISE_KINDS", "reference",
 ]

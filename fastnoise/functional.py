@@ -15,7 +15,8 @@ import torch
 from . import reference
 from .backends import resolve_backend
 
-__all__ = ["noisy_embedding", "noisytune_", "METHODS", "NOISE_KINDS"]
+__all__ = ["noisy_embedding", "noisytune_", "set_rank_distinct_noise", "METHODS",
+           "NOISE_KINDS"]
 
 NOISE_KINDS = reference.NOISE_KINDS
 #: method presets for NoisyEmbedding / patch: (noise kind, symmetric)
@@ -115,13 +116,41 @@ def _check_cu_seqlens(cu_seqlens, input: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------
 # Seeds
 # --------------------------------------------------------------------------------------
-def draw_seed(device: torch.device, counters: int):
+_RANK_DISTINCT = [True]
+
+
+def set_rank_distinct_noise(enabled: bool) -> None:
+    """Under torch.distributed, embedding noise drawn with ``seed=None`` differs per rank
+    (the default: each data-parallel rank sees other noise, even when every rank was seeded
+    alike, unlike the Hugging Face hook). ``False`` gives every equally seeded rank the same
+    noise; so does passing the same explicit ``seed`` everywhere. NoisyTune is never
+    rank-distinct: replicas must stay identical."""
+    _RANK_DISTINCT[0] = bool(enabled)
+
+
+def _rank_key() -> int:
+    dist = torch.distributed
+    if _RANK_DISTINCT[0] and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def draw_seed(device: torch.device, counters: int, rank_distinct: bool = False):
     """(seed, offset) for a call that uses ``counters`` Philox counters, from torch's default
     generator of ``device``: ``torch.manual_seed`` makes runs repeatable, every call differs.
 
     CPU: a fresh 63-bit seed, offset 0. CUDA: the generator's seed and its Philox offset,
-    which is advanced past the counters used (no device sync).
+    which is advanced past the counters used (no device sync). With ``rank_distinct`` the
+    torch.distributed rank is mixed into the seed (see :func:`set_rank_distinct_noise`).
     """
+    seed, offset = _draw_seed(device, counters)
+    rank = _rank_key() if rank_distinct else 0
+    if rank:
+        seed = (seed ^ (rank * 0x9E3779B97F4A7C15)) % _U64  # golden-ratio odd multiplier
+    return seed, offset
+
+
+def _draw_seed(device: torch.device, counters: int):
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         gen = torch.cuda.default_generators[idx]
@@ -232,7 +261,8 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
         tok_mag = reference.token_scale(alpha, d, seq_len=length, attention_mask=attention_mask,
                                         segments=segments)
     if seed is None:
-        seed, offset = draw_seed(weight.device, reference.counters_used(noise, input.numel(), d))
+        seed, offset = draw_seed(weight.device, reference.counters_used(noise, input.numel(), d),
+                                 rank_distinct=True)
     else:
         offset = 0
     ids = input.reshape(-1).contiguous()

@@ -1,0 +1,67 @@
+"""Triton backend: fused noisy-embedding forward/backward and multi-tensor NoisyTune kernels.
+
+Runs on CUDA devices, or on the CPU through the Triton interpreter (``TRITON_INTERPRET=1`` set
+before triton is first imported; the CI tests use it).
+"""
+
+from typing import Optional
+
+import torch
+
+from ..backends import triton_interpreter_enabled
+
+try:
+    import triton  # noqa: F401
+except Exception as exc:  # ImportError, or a broken install
+    _IMPORT_ERROR: Optional[str] = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = None
+
+# the kernels are decorated at import: they are interpreted only if the flag was on by then
+_INTERPRETED_AT_IMPORT = triton_interpreter_enabled()
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if _IMPORT_ERROR is None:
+    from . import embedding as _emb
+    from . import noisytune as _nt
+
+
+class TritonBackend:
+    name = "triton"
+
+    def unavailable_reason(self, device, dtype=None) -> Optional[str]:
+        if _IMPORT_ERROR is not None:
+            if _IMPORT_ERROR.startswith("ModuleNotFoundError"):
+                return "triton is not installed (pip install triton)"
+            return f"triton failed to import ({_IMPORT_ERROR})"
+        device = torch.device(device)
+        if device.type == "cpu":
+            if not triton_interpreter_enabled():
+                return "needs a CUDA device or TRITON_INTERPRET=1"
+            if not _INTERPRETED_AT_IMPORT:
+                return ("TRITON_INTERPRET=1 was set after fastnoise's triton kernels were "
+                        "imported; set it before importing fastnoise")
+        elif device.type != "cuda":
+            return f"needs a CUDA device or TRITON_INTERPRET=1 (got {device.type})"
+        elif _INTERPRETED_AT_IMPORT:
+            return "the Triton interpreter is on (TRITON_INTERPRET=1): CPU tensors only"
+        if dtype is not None and dtype not in _DTYPES:
+            name = str(dtype).replace("torch.", "")
+            return f"dtype {name} not supported (float32, float16, bfloat16)"
+        return None
+
+    def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
+                          symmetric):
+        _emb.noisy_embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
+                                     seed=seed, offset=offset, symmetric=symmetric)
+
+    def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
+                           deterministic):
+        return _emb.embedding_backward(grad_out, ids, num_weights, padding_idx=padding_idx,
+                                       symmetric=symmetric, deterministic=deterministic)
+
+    def noisytune_(self, tensors, lam, *, seed, starts):
+        _nt.noisytune_(tensors, lam, seed=seed, starts=starts)
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,329 @@
+"""Fused noisy embedding: gather + Philox noise + scale + add in one pass, and its backward.
+
+The noise follows the randomness contract of :mod:`fastnoise.reference` bit for bit (Gaussian
+to ~1e-6): element (r, j) of a row of width d uses counter ``offset + r * G + j // PER``,
+PER = 4 (uniform, gaussian: word j % 4) or 128 (bernoulli: word (j % 128) // 32, bit j % 32).
+
+Why 2-D tiles and ``philox`` on counters, not ``tl.rand`` on elements: one Philox call costs
+~30 integer ops; calling it once per element makes the kernel compute bound (~40% of copy
+bandwidth on an H100). One call per 4 elements (uniform/gaussian) or per 128 elements
+(bernoulli, one bit each) keeps it memory bound, so the noise is nearly free next to the
+gather. The 4 words (or 128 bits) are interleaved back into columns with join/reshape.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+NOISE_CODES = {"uniform": 0, "gaussian": 1, "bernoulli": 2}
+_M32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _u64(lo, hi):
+    """64-bit unsigned from two i32 scalars holding its lo/hi words (bit patterns)."""
+    lo = lo.to(tl.uint32, bitcast=True).to(tl.uint64)
+    hi = hi.to(tl.uint32, bitcast=True).to(tl.uint64)
+    return (hi << 32) | lo
+
+
+@triton.jit
+def _philox4x32(ctr, seed_lo, seed_hi):
+    """Philox4x32-10 of the uint64 counters ``ctr`` -> four uint32 blocks (contract key/ctr).
+
+    Same rounds as tl.philox_impl, but each 32x32 product is one widening multiply
+    (IMAD.WIDE: hi and lo words at once) instead of a umulhi plus a mul: half the IMADs.
+    """
+    c0 = ctr.to(tl.uint32)  # truncates: the low word
+    c1 = (ctr >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c2
+    k0 = seed_lo.to(tl.uint32, bitcast=True)
+    k1 = seed_hi.to(tl.uint32, bitcast=True)
+    for _ in tl.static_range(10):
+        pa = c0.to(tl.uint64) * 0xD2511F53
+        pb = c2.to(tl.uint64) * 0xCD9E8D57
+        c0 = (pb >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (pa >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = pb.to(tl.uint32)
+        c3 = pa.to(tl.uint32)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _uniform01(w):
+    """Triton's uint_to_uniform_float: uint32 -> float32 in [0, 1)."""
+    x = w.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _sincos_0_2pi(th):
+    """(sin, cos) of th in [0, 2pi), to ~1 ulp, in ~20 instructions for both.
+
+    libdevice sinf/cosf each carry a general range reduction (and a Payne-Hanek slow path);
+    here th < 2pi, so one Cody-Waite step by pi/2 (explicit FMAs) and two minimax
+    polynomials on [-pi/4, pi/4] (musl's __sindf/__cosdf coefficients) suffice.
+    """
+    q = (th * 0.6366197723675814 + 0.5).to(tl.int32)  # nearest quadrant, th >= 0
+    qf = q.to(tl.float32)
+    r = tl.fma(qf, -1.5707963705062866, th)
+    r = tl.fma(qf, 4.371139000186241e-08, r)
+    z = r * r
+    # Horner with explicit FMAs (fp fusion is off for the launch, so spell them out)
+    ps = tl.fma(z, 2.718311493989822e-06, -1.9839334836096632e-04)
+    ps = tl.fma(z, ps, 0.008333329385889463)
+    ps = tl.fma(z, ps, -0.16666666641626524)
+    s = tl.fma(r * z, ps, r)
+    pc = tl.fma(z, 2.439044879627741e-05, -0.001388676377460993)
+    pc = tl.fma(z, pc, 0.04166662332373906)
+    pc = tl.fma(z, pc, -0.499999997251031)
+    c = tl.fma(z, pc, 1.0)
+    swap = (q & 1) != 0
+    sv = tl.where(swap, c, s)
+    cv = tl.where(swap, s, c)
+    sv = tl.where((q & 2) != 0, -sv, sv)
+    cv = tl.where(((q + 1) & 2) != 0, -cv, cv)
+    return sv, cv
+
+
+@triton.jit
+def _box_muller(ua, ub):
+    ua = tl.maximum(1.0e-7, ua)
+    th = 6.283185307179586 * ub
+    rad = tl.sqrt(-2.0 * tl.log(ua))
+    sn, cs = _sincos_0_2pi(th)
+    return rad * cs, rad * sn
+
+
+@triton.jit
+def _interleave4(a0, a1, a2, a3, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[T, C] x 4 -> [T, 4C] with column 4c + i taken from a_i.
+
+    join stacks along a new minor dim, so x = join(join(a0, a2), join(a1, a3)) has
+    x[t, c, i, k] = (join(a0, a2) if k == 0 else join(a1, a3))[t, c, i] = a_{2i + k}; the
+    reshape flattens (c, i, k) -> 4c + 2i + k: a0, a1, a2, a3 in order. (The naive
+    join(join(a0, a1), join(a2, a3)) gives a0, a2, a1, a3; the tests check the order.)
+    """
+    x = tl.join(tl.join(a0, a2), tl.join(a1, a3))
+    return tl.reshape(x, [BLOCK_T, BLOCK_C * 4])
+
+
+@triton.jit
+def _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi,
+                NOISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Unscaled noise xi, float32 [BLOCK_T, BLOCK_D], of token rows ``rows`` (int64) and
+    columns pid_d * BLOCK_D + [0, BLOCK_D)."""
+    off = _u64(off_lo, off_hi)
+    if NOISE == 2:
+        # bernoulli: one counter per 128 columns, one bit per column
+        NC: tl.constexpr = BLOCK_D // 128
+        g = (d + 127) // 128
+    else:
+        NC: tl.constexpr = BLOCK_D // 4
+        g = (d + 3) // 4
+    cidx = (pid_d * NC + tl.arange(0, NC)).to(tl.uint64)
+    # uint64 * (i32 or constexpr d) promotes to uint64; the sum wraps mod 2**64
+    ctr = off + (rows.to(tl.uint64)[:, None] * g + cidx[None, :])
+    w0, w1, w2, w3 = _philox4x32(ctr, seed_lo, seed_hi)
+    if NOISE == 2:
+        words = _interleave4(w0, w1, w2, w3, BLOCK_T, NC)  # [T, BLOCK_D // 32]
+        words = tl.broadcast_to(words[:, :, None], [BLOCK_T, NC * 4, 32])
+        shift = tl.arange(0, 32).to(tl.uint32)[None, None, :]
+        bits = tl.reshape((words >> shift) & 1, [BLOCK_T, BLOCK_D])
+        xi = 1.0 - 2.0 * bits.to(tl.float32)
+    elif NOISE == 1:
+        n0, n1 = _box_muller(_uniform01(w0), _uniform01(w1))
+        n2, n3 = _box_muller(_uniform01(w2), _uniform01(w3))
+        xi = _interleave4(n0, n1, n2, n3, BLOCK_T, NC)
+    else:
+        xi = _interleave4(_uniform01(w0) * 2.0 - 1.0, _uniform01(w1) * 2.0 - 1.0,
+                          _uniform01(w2) * 2.0 - 1.0, _uniform01(w3) * 2.0 - 1.0,
+                          BLOCK_T, NC)
+    return xi
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi"])
+def _noisy_embedding_fwd_kernel(
+    ids_ptr, w_ptr, out_ptr, tok_mag_ptr,
+    N, V, d, w_row_stride, mag,
+    seed_lo, seed_hi, off_lo, off_hi,
+    NOISE: tl.constexpr, HAS_TOK_MAG: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    mask = row_mask[:, None] & (cols < d)[None, :]
+
+    # ids are validated by the frontend; clamp anyway so a bad id can never read out of bounds
+    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    ids = tl.minimum(tl.maximum(ids, 0), V - 1)
+    e = tl.load(w_ptr + ids[:, None] * w_row_stride + cols[None, :], mask=mask, other=0.0)
+    e = e.to(tl.float32)
+
+    xi = _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi, NOISE, BLOCK_T, BLOCK_D)
+    if HAS_TOK_MAG:
+        scale = tl.load(tok_mag_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    else:
+        scale = mag
+    n = xi * scale  # rounded once: the launch turns fp fusion off, so no FMA with the add
+
+    out_offs = rows[:, None] * d + cols[None, :]
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + out_offs, (e + n).to(ty), mask=mask)
+    if SYMMETRIC:
+        # the pair's second half reuses the same gathered row and the same draw
+        tl.store(out_ptr + (rows[:, None] + N) * d + cols[None, :], (e - n).to(ty), mask=mask)
+
+
+@triton.jit
+def _embedding_bwd_atomic_kernel(
+    grad_ptr, ids_ptr, out_ptr, N, V, d, padding_idx,
+    SYMMETRIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """float32 grad only: atomics straight into the (V, d) result (no temporary)."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    col_mask = (cols < d)[None, :]
+    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    keep = row_mask & (ids >= 0) & (ids < V) & (ids != padding_idx)
+    m2 = row_mask[:, None] & col_mask
+    g = tl.load(grad_ptr + rows[:, None] * d + cols[None, :], mask=m2, other=0.0)
+    g = g.to(tl.float32)
+    if SYMMETRIC:
+        g += tl.load(grad_ptr + (rows[:, None] + N) * d + cols[None, :], mask=m2,
+                     other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + ids[:, None] * d + cols[None, :], g, mask=keep[:, None] & col_mask,
+                  sem="relaxed")
+
+
+@triton.jit
+def _embedding_bwd_sorted_kernel(
+    grad_ptr, sorted_ids_ptr, perm_ptr, run_end_ptr, out_ptr, N, V, d, padding_idx,
+    SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Segmented sum over runs of equal sorted ids: the program at the first position of a
+    run adds the run's grad rows in a fixed order (stable sort, fixed tree) in fp32 and
+    writes its row once.
+    Deterministic, no atomics, no fp32 (V, d) temporary; other programs exit at once."""
+    i = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    idx = tl.load(sorted_ids_ptr + i).to(tl.int64)
+    prev = tl.load(sorted_ids_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
+    if (prev != idx) & (idx != padding_idx) & (idx >= 0) & (idx < V):
+        cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_mask = cols < d
+        end = tl.load(run_end_ptr + i)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # BLOCK_R rows a step: their perm indices load together, so a long run (a frequent
+        # token) keeps BLOCK_R row loads in flight instead of one dependent load at a time
+        for j in range(i, end, BLOCK_R):
+            jj = j + tl.arange(0, BLOCK_R)
+            rm = jj < end
+            r = tl.load(perm_ptr + jj, mask=rm, other=0)
+            m2 = rm[:, None] & col_mask[None, :]
+            offs = r[:, None] * d + cols[None, :]
+            g = tl.load(grad_ptr + offs, mask=m2, other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                g += tl.load(grad_ptr + (r[:, None] + N) * d + cols[None, :], mask=m2,
+                             other=0.0).to(tl.float32)
+            acc += tl.sum(g, axis=0)  # fixed tree per step: still deterministic
+        tl.store(out_ptr + idx * d + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+def _i32(x: int) -> int:
+    """A 32-bit word as a signed int, so Triton always types the scalar i32."""
+    x &= _M32
+    return x - (1 << 32) if x >= (1 << 31) else x
+
+
+def _split64(x: int):
+    """(lo, hi) i32 words of a 64-bit int (not cached: offsets change every call)."""
+    return _i32(x), _i32(x >> 32)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_d(d: int) -> int:
+    # the largest of 1024..128 that wastes the fewest masked columns (d = 768 -> 256, 3 blocks)
+    return min((1024, 512, 256, 128), key=lambda b: (triton.cdiv(d, b) * b, -b))
+
+
+@functools.lru_cache(maxsize=4096)
+def _fwd_config(n: int, d: int, noise: int):
+    block_d = _block_d(d)
+    # ~8K elements a tile (32 a thread at 8 warps); gaussian holds more live registers
+    tile = 4096 if noise == 1 else 8192
+    block_t = max(1, min(tile // block_d, triton.next_power_of_2(n)))
+    num_warps = 8 if block_t * block_d >= 8192 else 4
+    grid = (triton.cdiv(n, block_t), triton.cdiv(d, block_d))
+    return block_t, block_d, num_warps, grid
+
+
+def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric):
+    """Write the noisy embedding of flat ids (N,) into out (N, d) or (2N, d) when symmetric."""
+    n = ids.shape[0]
+    v, d = weight.shape
+    code = NOISE_CODES[noise]
+    block_t, block_d, num_warps, grid = _fwd_config(n, d, code)
+    seed_lo, seed_hi = _split64(seed)
+    off_lo, off_hi = _split64(offset)
+    has_tok = tok_mag is not None
+    _noisy_embedding_fwd_kernel[grid](
+        ids, weight, out, tok_mag if has_tok else ids,
+        n, v, d, weight.stride(0), float(mag),
+        seed_lo, seed_hi, off_lo, off_hi,
+        NOISE=code, HAS_TOK_MAG=has_tok, SYMMETRIC=bool(symmetric),
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=False,
+    )
+    return out
+
+
+def embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, deterministic):
+    """Dense (num_weights, d) weight gradient, grad_out's dtype, accumulated in float32."""
+    n = ids.shape[0]
+    d = grad_out.shape[-1]
+    grad_out = grad_out.contiguous()
+    out = torch.zeros(num_weights, d, dtype=grad_out.dtype, device=grad_out.device)
+    pad = -1 if padding_idx is None else int(padding_idx)
+    if pad < 0 and padding_idx is not None:
+        pad += num_weights
+    block_d = min(_block_d(d), 512)
+    if grad_out.dtype == torch.float32 and not deterministic:
+        block_t = max(1, min(4096 // block_d, triton.next_power_of_2(n)))
+        grid = (triton.cdiv(n, block_t), triton.cdiv(d, block_d))
+        _embedding_bwd_atomic_kernel[grid](
+            grad_out, ids, out, n, num_weights, d, pad,
+            SYMMETRIC=bool(symmetric), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+            enable_fp_fusion=False,
+        )
+        return out
+    # half-precision grads (or deterministic): sort + segmented fp32 sums, one write per row
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
+    grid = (n, triton.cdiv(d, block_d))
+    _embedding_bwd_sorted_kernel[grid](
+        grad_out, sorted_ids, perm, run_end, out, n, num_weights, d, pad,
+        SYMMETRIC=bool(symmetric), BLOCK_R=8, BLOCK_D=block_d, num_warps=4,
+        enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,204 @@
+"""NoisyTune: W += (u - 0.5) * lam * std(W) for many tensors, in two multi-tensor launches.
+
+Work is cut into chunks of CHUNK elements; the chunks of all tensors form one flat grid, and a
+program finds its tensor by binary search over the chunks' prefix sums in a small int64 table
+(data_ptr, numel, start counter, dtype code, first chunk), cast to a typed pointer in-kernel,
+so mixed sizes and dtypes (fp32/fp16/bf16) share each launch.
+
+1. stats: each chunk computes (mean, M2) of its elements shifted by the tensor's first
+   element (the shift keeps sums small for tensors with a large mean), block by block with a
+   two-pass block M2 and Chan's merge. It stores them in a partials buffer (2 floats a chunk:
+   the only extra memory besides O(#tensors) tables; a single-writer merge needs them) and
+   bumps the tensor's arrival counter; the last chunk to arrive merges the tensor's partials
+   in chunk order (float64, deterministic) and writes s = float32(lam) * std, or a skip flag.
+2. perturb: each chunk draws its Philox words (counter start + i // 4, word i % 4) and adds
+   (u - 0.5) * s in place.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .embedding import _interleave4, _philox4x32, _split64, _u64, _uniform01
+
+BLOCK = 1024  # elements a step (256 Philox counters)
+ITERS = 32  # steps a chunk
+CHUNK = BLOCK * ITERS
+MERGE_BLOCK = 1024
+_META = 5  # int64 fields a tensor: ptr, numel, start, dtype code, first chunk
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@triton.jit
+def _find_tensor(meta_ptr, pid, n_tensors, META: tl.constexpr):
+    """The tensor k whose chunk range holds chunk ``pid``: largest k with first_chunk[k] <= pid."""
+    lo = pid * 0
+    hi = lo + n_tensors
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first = tl.load(meta_ptr + mid * META + 4)
+        go_right = first <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _load_f32(ptr_i64, offs, mask, code):
+    if code == 0:
+        x = tl.load(ptr_i64.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    elif code == 1:
+        x = tl.load(ptr_i64.to(tl.pointer_type(tl.float16)) + offs, mask=mask,
+                    other=0.0).to(tl.float32)
+    else:
+        x = tl.load(ptr_i64.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask,
+                    other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tensors, lam,
+                            META: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                            MERGE_BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    k = _find_tensor(meta_ptr, pid, n_tensors, META)
+    ptr = tl.load(meta_ptr + k * META)
+    numel = tl.load(meta_ptr + k * META + 1)
+    code = tl.load(meta_ptr + k * META + 3)
+    first = tl.load(meta_ptr + k * META + 4)
+    c = pid - first
+    base = c * (BLOCK * ITERS)
+    # shift by the tensor's first element: sums of x - shift stay small (no cancellation)
+    two = tl.arange(0, 2)
+    shift = tl.sum(_load_f32(ptr, two, two < 1, code))
+
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    steps = tl.cdiv(tl.minimum(numel - base, BLOCK * ITERS), BLOCK)
+    for it in range(steps):
+        offs = base + it * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        y = tl.where(mask, _load_f32(ptr, offs, mask, code) - shift, 0.0)
+        cnt = tl.sum(mask.to(tl.float32))
+        bmean = tl.sum(y) / cnt
+        dev = tl.where(mask, y - bmean, 0.0)
+        bm2 = tl.sum(dev * dev)
+        # Chan et al.: merge (cnt, bmean, bm2) into the running (n, mean, m2)
+        tot = n + cnt
+        delta = bmean - mean
+        mean = mean + delta * (cnt / tot)
+        m2 = m2 + bm2 + delta * delta * (n * cnt / tot)
+        n = tot
+    tl.store(partial_ptr + pid * 2, mean)
+    tl.store(partial_ptr + pid * 2 + 1, m2)
+    # every thread's partial store lands before the release below (threadfence-reduction idiom)
+    tl.debug_barrier()
+    n_chunks = tl.cdiv(numel, BLOCK * ITERS)
+    arrived = tl.atomic_add(arrive_ptr + k, 1, sem="acq_rel")
+    if arrived == n_chunks - 1:
+        # last chunk of tensor k: merge its partials in chunk order (deterministic), float64
+        numel_f = numel.to(tl.float64)
+        tot = tl.zeros([MERGE_BLOCK], dtype=tl.float64)
+        for c0 in range(0, n_chunks, MERGE_BLOCK):
+            cc = c0 + tl.arange(0, MERGE_BLOCK)
+            cm = cc < n_chunks
+            cnt = tl.minimum(numel - cc * (BLOCK * ITERS), BLOCK * ITERS).to(tl.float64)
+            pm = tl.load(partial_ptr + (first + cc) * 2, mask=cm, other=0.0,
+                         cache_modifier=".cg").to(tl.float64)
+            tot += tl.where(cm, cnt * pm, 0.0)
+        gmean = tl.sum(tot) / numel_f
+        acc = tl.zeros([MERGE_BLOCK], dtype=tl.float64)
+        for c0 in range(0, n_chunks, MERGE_BLOCK):
+            cc = c0 + tl.arange(0, MERGE_BLOCK)
+            cm = cc < n_chunks
+            cnt = tl.minimum(numel - cc * (BLOCK * ITERS), BLOCK * ITERS).to(tl.float64)
+            pm = tl.load(partial_ptr + (first + cc) * 2, mask=cm, other=0.0,
+                         cache_modifier=".cg").to(tl.float64)
+            pm2 = tl.load(partial_ptr + (first + cc) * 2 + 1, mask=cm, other=0.0,
+                          cache_modifier=".cg").to(tl.float64)
+            dm = pm - gmean
+            acc += tl.where(cm, pm2 + cnt * dm * dm, 0.0)
+        var = tl.sum(acc) / tl.maximum(numel_f - 1.0, 1.0)  # numel < 2 is skipped below
+        std = tl.sqrt(var).to(tl.float32)
+        s = lam * std
+        # skip numel < 2, std == 0 and non-finite std (NaN fails both comparisons)
+        ok = (numel >= 2) & (std > 0.0) & (std <= 3.4028234663852886e38)
+        tl.store(stats_ptr + k * 2, s)
+        tl.store(stats_ptr + k * 2 + 1, ok.to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
+                              META: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    k = _find_tensor(meta_ptr, pid, n_tensors, META)
+    ok = tl.load(stats_ptr + k * 2 + 1)
+    if ok != 0.0:
+        s = tl.load(stats_ptr + k * 2)
+        ptr = tl.load(meta_ptr + k * META)
+        numel = tl.load(meta_ptr + k * META + 1)
+        start = tl.load(meta_ptr + k * META + 2).to(tl.uint64, bitcast=True)
+        code = tl.load(meta_ptr + k * META + 3)
+        first = tl.load(meta_ptr + k * META + 4)
+        base = (pid - first) * (BLOCK * ITERS)
+        steps = tl.cdiv(tl.minimum(numel - base, BLOCK * ITERS), BLOCK)
+        for it in range(steps):
+            at = base + it * BLOCK  # a multiple of 4: its counters are start + at // 4 + c
+            ctr = start + (at // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint64)
+            w0, w1, w2, w3 = _philox4x32(ctr[None, :], seed_lo, seed_hi)
+            u = _interleave4(_uniform01(w0), _uniform01(w1), _uniform01(w2), _uniform01(w3),
+                             1, BLOCK // 4)
+            u = tl.reshape(u, [BLOCK])
+            offs = at + tl.arange(0, BLOCK)
+            mask = offs < numel
+            x = _load_f32(ptr, offs, mask, code)
+            y = x + (u - 0.5) * s  # fp fusion is off: rounded like the reference
+            if code == 0:
+                tl.store(ptr.to(tl.pointer_type(tl.float32)) + offs, y, mask=mask)
+            elif code == 1:
+                tl.store(ptr.to(tl.pointer_type(tl.float16)) + offs, y.to(tl.float16), mask=mask)
+            else:
+                tl.store(ptr.to(tl.pointer_type(tl.bfloat16)) + offs, y.to(tl.bfloat16),
+                         mask=mask)
+
+
+def _as_i64(x: int) -> int:
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+def noisytune_(tensors, lam, *, seed, starts):
+    """Perturb every tensor in place; tensor k draws from counter starts[k] on."""
+    rows, first = [], 0
+    for t, start in zip(tensors, starts):
+        numel = t.numel()
+        if numel == 0:
+            continue
+        if t.dtype not in _DTYPE_CODES:
+            raise TypeError(f"noisytune_: dtype {t.dtype} not supported by the triton backend "
+                            "(float32, float16, bfloat16)")
+        if not t.is_contiguous():
+            raise ValueError("noisytune_: the triton backend needs contiguous tensors")
+        rows.append((t.data_ptr(), numel, _as_i64(start), _DTYPE_CODES[t.dtype], first))
+        first += triton.cdiv(numel, CHUNK)
+    if not rows:
+        return
+    device = tensors[0].device
+    meta = torch.tensor(rows, dtype=torch.int64).to(device)
+    k = len(rows)
+    partials = torch.empty(first * 2, dtype=torch.float32, device=device)
+    arrive = torch.zeros(k, dtype=torch.int32, device=device)
+    stats = torch.empty(k * 2, dtype=torch.float32, device=device)
+    _noisytune_stats_kernel[(first,)](
+        meta, partials, arrive, stats, k, float(lam),
+        META=_META, BLOCK=BLOCK, ITERS=ITERS, MERGE_BLOCK=MERGE_BLOCK, num_warps=4,
+        enable_fp_fusion=False,
+    )
+    seed_lo, seed_hi = _split64(seed)
+    _noisytune_perturb_kernel[(first,)](
+        meta, stats, k, seed_lo, seed_hi,
+        META=_META, BLOCK=BLOCK, ITERS=ITERS, num_warps=4, enable_fp_fusion=False,
+    )

@@ -1,0 +1,352 @@
+"""Triton backend vs the reference. On a CPU-only machine the kernels run in the Triton
+interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small and dtypes fp32/fp16."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest does this too; must precede triton
+
+pytest.importorskip("triton")
+
+from fastnoise import reference as R  # noqa: E402
+from fastnoise.backends import get_backend  # noqa: E402
+from fastnoise.triton_ops import BACKEND  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NOISES = ("uniform", "gaussian", "bernoulli")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _forward(ids, weight, *, noise, mag=0.0, tok_mag=None, seed=0, offset=0, symmetric=False):
+    n, d = ids.numel(), weight.shape[1]
+    out = torch.full((2 * n if symmetric else n, d), float("nan"), dtype=weight.dtype,
+                     device=weight.device)  # poisoned: every element must be written
+    BACKEND.embedding_forward(ids.reshape(-1).contiguous(), weight, out, noise=noise, mag=mag,
+                              tok_mag=tok_mag, seed=seed, offset=offset, symmetric=symmetric)
+    return out
+
+
+def _check(out, ref, noise, mag):
+    assert not torch.isnan(out).any()
+    if noise == "gaussian":
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * max(mag, 1.0))
+    else:
+        assert torch.equal(out, ref), (out - ref).abs().max()
+
+
+# --------------------------------------------------------------------------------------
+# availability
+# --------------------------------------------------------------------------------------
+def test_backend_is_registered_and_available():
+    assert BACKEND.name == "triton"
+    assert get_backend("triton").unavailable_reason(DEVICE, torch.float32) is None
+    for dtype in (torch.float16, torch.bfloat16, None):
+        assert BACKEND.unavailable_reason(DEVICE, dtype) is None
+
+
+def test_unavailable_reasons(monkeypatch):
+    assert "float64" in BACKEND.unavailable_reason(DEVICE, torch.float64)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CUDA" in BACKEND.unavailable_reason(torch.device("cpu"))
+    assert BACKEND.unavailable_reason(torch.device("meta")) is not None
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("d", [1, 5, 100, 130, 300])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_forward_matches_reference(noise, d, symmetric, per_token):
+    vocab, n = 37, 11  # neither a multiple of any block
+    weight = torch.randn(vocab, d, device=DEVICE)
+    id_dtype = torch.int32 if d % 2 else torch.int64
+    ids = torch.randint(0, vocab, (n,), device=DEVICE, dtype=id_dtype)
+    tok = torch.rand(n, device=DEVICE) if per_token else None
+    kw = dict(noise=noise, mag=0.125, tok_mag=tok, seed=1234567, offset=99, symmetric=symmetric)
+    _check(_forward(ids, weight, **kw), R.noisy_embedding(ids, weight, **kw), noise, 1.0)
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_noise_words_in_column_order(noise):
+    # zero weight, mag 1: the output is the noise xi itself, element by element
+    n, d = 6, 260  # 260 = 2 * 128 + 4: two full bernoulli words-groups and a ragged tail
+    out = _forward(torch.zeros(n, dtype=torch.long, device=DEVICE),
+                   torch.zeros(1, d, device=DEVICE), noise=noise, mag=1.0, seed=5, offset=7)
+    xi = R.draw_noise(noise, n, d, 5, 7, device=DEVICE)
+    if noise == "gaussian":
+        torch.testing.assert_close(out, xi, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(out, xi)
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (3, 1), (2, 5), (2, 3, 4)])
+@pytest.mark.parametrize("noise", NOISES)
+def test_forward_id_shapes(shape, noise):
+    vocab, d = 13, 48
+    weight = torch.randn(vocab, d, device=DEVICE)
+    ids = torch.randint(0, vocab, shape, device=DEVICE)
+    kw = dict(noise=noise, mag=0.3, seed=42, offset=3)
+    _check(_forward(ids, weight, **kw), R.noisy_embedding(ids.reshape(-1), weight, **kw), noise, 1.)
+
+
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("seed,offset", [
+    (2**64 - 1, 2**64 - 3),        # counters wrap past 2**64 inside the call
+    (2**64 - 12345, 2**32 - 5),    # counters cross 2**32 (the hi word carries)
+    (2**63 + 17, 2**63 - 2),
+    (0, 0),
+])
+def test_forward_large_seed_and_offset(noise, seed, offset):
+    vocab, n, d = 9, 7, 136
+    weight = torch.randn(vocab, d, device=DEVICE)
+    ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    kw = dict(noise=noise, mag=0.5, seed=seed, offset=offset, symmetric=True)
+    _check(_forward(ids, weight, **kw), R.noisy_embedding(ids, weight, **kw), noise, 1.0)
+
+
+def test_forward_vocab_one_and_single_token():
+    weight = torch.randn(1, 7, device=DEVICE)
+    ids = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    kw = dict(noise="uniform", mag=0.01, seed=1, offset=0)
+    _check(_forward(ids, weight, **kw), R.noisy_embedding(ids, weight, **kw), "uniform", 1.0)
+
+
+def test_forward_masked_tokens_get_no_noise():
+    weight = torch.randn(10, 20, device=DEVICE)
+    ids = torch.randint(0, 10, (2, 5), device=DEVICE)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], device=DEVICE)
+    # per-token mag as the frontend builds it: alpha / sqrt(L * d) on kept tokens, 0 elsewhere
+    tok = torch.where(mask.reshape(-1) != 0, 5.0 / (3 * 20) ** 0.5, 0.0).float()
+    out = _forward(ids, weight, noise="gaussian", tok_mag=tok, seed=3, symmetric=True)
+    e = weight[ids.reshape(-1)]
+    keep = mask.reshape(-1) != 0
+    assert torch.equal(out[:10][~keep], e[~keep]) and torch.equal(out[10:][~keep], e[~keep])
+    assert not torch.equal(out[:10][keep], e[keep])
+    ref = R.noisy_embedding(ids.reshape(-1), weight, noise="gaussian", tok_mag=tok, seed=3,
+                            symmetric=True)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_forward_weight_row_stride():
+    # a (V, d) view with row stride > d (stride(1) == 1)
+    base = torch.randn(12, 40, device=DEVICE)
+    weight = base[:, 3:33]
+    ids = torch.randint(0, 12, (9,), device=DEVICE)
+    kw = dict(noise="bernoulli", mag=0.2, seed=11, offset=5)
+    _check(_forward(ids, weight, **kw), R.noisy_embedding(ids, weight, **kw), "bernoulli", 1.0)
+
+
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_forward_float16(noise, symmetric):
+    vocab, n, d = 21, 9, 70
+    weight = torch.randn(vocab, d, device=DEVICE).half()
+    ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    kw = dict(noise=noise, mag=0.25, seed=77, offset=1000, symmetric=symmetric)
+    out, ref = _forward(ids, weight, **kw), R.noisy_embedding(ids, weight, **kw)
+    assert out.dtype == torch.float16 and not torch.isnan(out).any()
+    if noise == "gaussian":
+        # the fp32 sums agree to ~1e-6; after rounding to fp16 allow one fp16 ulp
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2**-10, atol=1e-6)
+    else:
+        assert torch.equal(out, ref)
+
+
+def test_forward_is_reproducible_and_offset_sensitive():
+    weight = torch.randn(16, 64, device=DEVICE)
+    ids = torch.randint(0, 16, (10,), device=DEVICE)
+    a = _forward(ids, weight, noise="uniform", mag=1.0, seed=9, offset=0)
+    b = _forward(ids, weight, noise="uniform", mag=1.0, seed=9, offset=0)
+    c = _forward(ids, weight, noise="uniform", mag=1.0, seed=9, offset=R.counters_used(
+        "uniform", 10, 64))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_backward_matches_reference(dtype, symmetric, deterministic, padding_idx):
+    vocab, n, d = 19, 40, 130  # few distinct ids: long runs of repeats
+    ids = torch.randint(0, vocab, (n,), device=DEVICE, dtype=torch.int32)
+    ids[:5] = 3
+    grad = torch.randn(2 * n if symmetric else n, d, device=DEVICE).to(dtype)
+    out = BACKEND.embedding_backward(grad, ids, vocab, padding_idx=padding_idx,
+                                     symmetric=symmetric, deterministic=deterministic)
+    ref = R.embedding_backward(grad, ids, vocab, padding_idx=padding_idx, symmetric=symmetric)
+    assert out.shape == (vocab, d) and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out, ref.to(dtype), rtol=1e-3, atol=1e-3)
+    if padding_idx is not None:
+        assert torch.equal(out[padding_idx], torch.zeros_like(out[padding_idx]))
+    unused = torch.ones(vocab, dtype=torch.bool, device=DEVICE)
+    unused[ids.long()] = False
+    assert torch.equal(out[unused], torch.zeros_like(out[unused]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_deterministic_is_bit_identical(dtype):
+    vocab, n, d = 7, 64, 33
+    ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    grad = torch.randn(2 * n, d, device=DEVICE).to(dtype)
+    kw = dict(padding_idx=None, symmetric=True, deterministic=True)
+    a = BACKEND.embedding_backward(grad, ids, vocab, **kw)
+    b = BACKEND.embedding_backward(grad, ids, vocab, **kw)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("d", [1, 5, 300])
+def test_backward_odd_widths(d):
+    vocab, n = 11, 9
+    ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    grad = torch.randn(n, d, device=DEVICE)
+    for det in (False, True):
+        out = BACKEND.embedding_backward(grad, ids, vocab, padding_idx=None, symmetric=False,
+                                         deterministic=det)
+        torch.testing.assert_close(out, R.embedding_backward(grad, ids, vocab), rtol=1e-5,
+                                   atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# NoisyTune
+# --------------------------------------------------------------------------------------
+def _noisytune_both(tensors, lam, seed, offset):
+    mine = [t.clone() for t in tensors]
+    ref = [t.clone() for t in tensors]
+    starts = R.noisytune_offsets([t.numel() for t in tensors], offset)
+    BACKEND.noisytune_(mine, lam, seed=seed, starts=starts)
+    R.noisytune_(ref, lam, seed=seed, offset=offset)
+    return mine, ref
+
+
+def _assert_noisytune_close(mine, ref, orig):
+    for a, b, t in zip(mine, ref, orig):
+        assert a.dtype == t.dtype and a.shape == t.shape
+        if not torch.isfinite(t).all():
+            assert torch.equal(a.isnan(), t.isnan()) and torch.equal(a.nan_to_num(), t.nan_to_num())
+            continue
+        # std agrees to float32 rounding; the final add may then round one ulp the other way
+        big = t.float().abs().max().item() if t.numel() else 0.0
+        atol = 2 * torch.finfo(t.dtype).eps * max(big, 1e-30) + 1e-6
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=atol)
+
+
+def test_noisytune_matches_reference():
+    tensors = [
+        torch.randn(5, 7), torch.randn(1), torch.zeros(10), torch.full((6,), 2.5),
+        torch.randn(3, 33).half(), torch.randn(4, 4, 4) * 30, torch.randn(2),
+        torch.randn(70001),  # three chunks: partials merged by the last one to arrive
+        torch.tensor([1.0, float("nan"), 2.0]), torch.randn(0), torch.randn(1000).half(),
+    ]
+    tensors = [t.to(DEVICE) for t in tensors]
+    mine, ref = _noisytune_both(tensors, 0.15, seed=2024, offset=17)
+    _assert_noisytune_close(mine, ref, tensors)
+    # skipped tensors are untouched, bit for bit
+    for k in (1, 2, 3, 8, 9):
+        assert torch.equal(mine[k].nan_to_num(), tensors[k].nan_to_num())
+    assert not torch.equal(mine[0], tensors[0])
+
+
+def test_noisytune_large_mean_std():
+    # std 1e-3 on a mean of 1000: a sum-of-squares variance would be lost to cancellation
+    t = (1000.0 + 1e-3 * torch.randn(50000, dtype=torch.float64)).float().to(DEVICE)
+    lam = 1000.0  # noise half-width 0.5 * lam * std = 0.5, far above the fp32 ulp of 1000
+    (mine,), (ref,) = _noisytune_both([t], lam, seed=5, offset=2**64 - 100)
+    _assert_noisytune_close([mine], [ref], [t])
+    u = R.uniform01(R.noise_words(5, 2**64 - 100, (t.numel() + 3) // 4, DEVICE)).reshape(-1)
+    u = u[: t.numel()].double() - 0.5
+    s = ((mine.double() - t.double()) * u).sum() / (u * u).sum()  # least-squares slope
+    true_std = t.double().std().item()
+    assert abs(s.item() / (lam * true_std) - 1.0) < 1e-3
+
+
+def test_noisytune_many_tensors_and_offsets():
+    sizes = [1, 2, 3, 4, 5, 7, 8, 31, 64, 100, 129, 255, 513] * 4
+    tensors = [(torch.randn(n) * (k + 1) + k).to(DEVICE) for k, n in enumerate(sizes)]
+    tensors = [t.half() if k % 3 == 1 else t for k, t in enumerate(tensors)]
+    for offset in (0, 2**32 - 40, 2**64 - 50):
+        mine, ref = _noisytune_both(tensors, 0.3, seed=2**64 - 1, offset=offset)
+        _assert_noisytune_close(mine, ref, tensors)
+
+
+def test_noisytune_empty_list_and_only_skipped():
+    BACKEND.noisytune_([], 0.1, seed=0, starts=[])
+    t = torch.zeros(3, device=DEVICE)
+    BACKEND.noisytune_([t], 0.1, seed=0, starts=[0])
+    assert torch.equal(t, torch.zeros(3, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------
+# GPU only: bf16 and realistic shapes
+# --------------------------------------------------------------------------------------
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gpu_forward_bf16_large(noise, symmetric):
+    vocab, d = 32000, 4096
+    weight = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, vocab, (2, 1024), device="cuda")
+    mag = R.noise_scale(5.0, 1024, d)
+    kw = dict(noise=noise, mag=mag, seed=2**64 - 3, offset=2**32 - 1000, symmetric=symmetric)
+    out = _forward(ids, weight, **kw)
+    ref = R.noisy_embedding(ids.reshape(-1), weight, **kw)
+    if noise == "gaussian":
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-5)
+    else:
+        assert torch.equal(out, ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("noise", NOISES)
+def test_gpu_noise_matches_reference_fp32(noise):
+    n, d = 4096, 768
+    out = _forward(torch.zeros(n, dtype=torch.long, device="cuda"),
+                   torch.zeros(1, d, device="cuda"), noise=noise, mag=1.0, seed=99, offset=5)
+    xi = R.draw_noise(noise, n, d, 99, 5, device="cuda")
+    if noise == "gaussian":
+        torch.testing.assert_close(out, xi, rtol=1e-6, atol=2e-6)
+    else:
+        assert torch.equal(out, xi)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backward_large(deterministic, dtype):
+    vocab, n, d = 32000, 8192, 1024
+    ids = torch.randint(0, 500, (n,), device="cuda")  # many repeats
+    grad = torch.randn(2 * n, d, device="cuda").to(dtype)
+    out = BACKEND.embedding_backward(grad, ids, vocab, padding_idx=0, symmetric=True,
+                                     deterministic=deterministic)
+    ref = R.embedding_backward(grad, ids, vocab, padding_idx=0, symmetric=True)
+    torch.testing.assert_close(out.float(), ref.to(dtype).float(), rtol=1e-2 if dtype ==
+                               torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16
+                               else 1e-4)
+    if deterministic:
+        again = BACKEND.embedding_backward(grad, ids, vocab, padding_idx=0, symmetric=True,
+                                           deterministic=True)
+        assert torch.equal(out, again)
+
+
+@gpu
+@needs_cuda
+def test_gpu_noisytune_mixed_dtypes():
+    tensors = [torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16),
+               torch.randn(3000, 7, device="cuda"), torch.randn(17, device="cuda").half(),
+               1000 + 1e-3 * torch.randn(2_000_000, device="cuda")]
+    mine, ref = _noisytune_both(tensors, 0.15, seed=7, offset=2**64 - 1000)
+    _assert_noisytune_close(mine, ref, tensors)
