@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -231,6 +232,9 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if device.type == "cpu" and not torch.cuda.is_available() and "triton" not in sys.modules:
+        # no GPU: validate the Triton kernels' logic through the Triton interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     found = available_backends(device)
     print(f"fastnoise check on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
