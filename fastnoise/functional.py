@@ -12,8 +12,8 @@ from typing import Iterable, List, Optional, Union
 
 import torch
 
-from . import reference
-from .backends import resolve_backend
+from . import ops, reference
+from .backends import get_backend, resolve_backend
 
 __all__ = ["noisy_embedding", "noisytune_", "set_rank_distinct_noise", "METHODS",
            "NOISE_KINDS"]
@@ -63,18 +63,12 @@ def check_seed(seed) -> Optional[int]:
     return seed
 
 
-def _check_ids(input: torch.Tensor, num_embeddings: int) -> None:
+def _check_ids(input: torch.Tensor) -> None:
+    """Type checks; the range check (a device sync) runs inside the op."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a tensor of token ids, got {type(input).__name__}")
     if input.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input ids must be int32 or int64, got {input.dtype}")
-    if input.numel() == 0:
-        return
-    lo, hi = torch.aminmax(input)
-    lo, hi = torch.stack([lo, hi]).tolist()  # one device sync, before any kernel runs
-    if lo < 0 or hi >= num_embeddings:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"token id {bad} is out of range [0, {num_embeddings})")
 
 
 def _check_weight(weight: torch.Tensor) -> None:
@@ -164,34 +158,6 @@ def _draw_seed(device: torch.device, counters: int):
 # --------------------------------------------------------------------------------------
 # Noisy embedding
 # --------------------------------------------------------------------------------------
-class _NoisyEmbeddingFunction(torch.autograd.Function):
-    """Forward by the chosen backend; backward is that of the plain embedding (noise is a
-    constant), with the two halves of a symmetric pair summed."""
-
-    @staticmethod
-    def forward(ctx, weight, ids, tok_mag, backend, noise, mag, seed, offset, symmetric,
-                padding_idx):
-        rows = ids.numel() * (2 if symmetric else 1)
-        out = torch.empty(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        backend.embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
-                                  seed=seed, offset=offset, symmetric=symmetric)
-        ctx.save_for_backward(ids)
-        ctx.backend, ctx.num_weights = backend, weight.shape[0]
-        ctx.symmetric, ctx.padding_idx = symmetric, padding_idx
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_weight = None
-        if ctx.needs_input_grad[0]:
-            (ids,) = ctx.saved_tensors
-            grad_weight = ctx.backend.embedding_backward(
-                grad_out.contiguous(), ids, ctx.num_weights, padding_idx=ctx.padding_idx,
-                symmetric=ctx.symmetric,
-                deterministic=torch.are_deterministic_algorithms_enabled())
-        return (grad_weight,) + (None,) * 9
-
-
 def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "uniform",
                     alpha: float = 5.0, symmetric: bool = False,
                     attention_mask: Optional[torch.Tensor] = None,
@@ -226,7 +192,7 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     noise = check_noise(noise)
     alpha = check_nonnegative("alpha", alpha)
     seed = check_seed(seed)
-    _check_ids(input, weight.shape[0])
+    _check_ids(input)
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but weight is on {weight.device}")
     if padding_idx is not None:
@@ -237,10 +203,11 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     d = weight.shape[1]
     _check_like_input("attention_mask", attention_mask, input)
     _check_like_input("position_ids", position_ids, input)
-    if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, input)
+    if cu_seqlens is not None and not torch.compiler.is_compiling():
+        _check_cu_seqlens(cu_seqlens, input)  # syncs; compiled graphs skip it
 
-    chosen = resolve_backend(backend, weight.device, weight.dtype)
+    if backend != "auto":
+        get_backend(backend)  # an unknown name fails here; availability inside the op
     if symmetric:
         if input.dim() == 0:
             raise ValueError("symmetric=True needs at least one dimension to double")
@@ -260,16 +227,12 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     if attention_mask is not None or segments is not None:
         tok_mag = reference.token_scale(alpha, d, seq_len=length, attention_mask=attention_mask,
                                         segments=segments)
-    if seed is None:
-        seed, offset = draw_seed(weight.device, reference.counters_used(noise, input.numel(), d),
-                                 rank_distinct=True)
-    else:
-        offset = 0
     ids = input.reshape(-1).contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    out = _NoisyEmbeddingFunction.apply(weight, ids, tok_mag, chosen, noise, mag, seed,
-                                        offset, symmetric, padding_idx)
+    out = ops.noisy_embedding(weight, ids, tok_mag, noise, mag,
+                              ops.as_int64(seed or 0), 0, seed is None, symmetric,
+                              -1 if padding_idx is None else padding_idx, backend)
     return out.view(out_shape)
 
 
@@ -326,9 +289,10 @@ def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor
     for t, start in zip(tensors, starts):
         groups.setdefault((t.device, t.dtype), []).append((t, start))
     for (device, dtype), members in groups.items():
-        chosen = resolve_backend(backend, device, dtype)
+        resolve_backend(backend, device, dtype)  # unavailable: raise before touching any
         work = [t if t.is_contiguous() else t.contiguous() for t, _ in members]
-        chosen.noisytune_(work, lam, seed=seed, starts=[s for _, s in members])
+        ops.apply_noisytune_(work, lam, ops.as_int64(seed),
+                             [ops.as_int64(s) for _, s in members], backend)
         for (t, _), w in zip(members, work):
             if w is not t:
                 t.copy_(w)

@@ -191,8 +191,16 @@ def noise_scale(alpha: float, length: int, d: int) -> float:
     """mag = alpha / sqrt(L * d), in float64 rounded once to float32 (0 when L == 0)."""
     if length <= 0:
         return 0.0
-    mag = float(alpha) / math.sqrt(float(length) * float(d))
-    return float(torch.tensor(mag, dtype=torch.float64).to(torch.float32))
+    return round_to_float32(float(alpha) / math.sqrt(float(length) * float(d)))
+
+
+def round_to_float32(x: float) -> float:
+    """The float32 nearest to x (ties to even), in plain Python (traceable by torch.compile)."""
+    if x == 0.0 or not math.isfinite(x):
+        return x
+    mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    bits = 24 if exponent >= -125 else max(24 - (-125 - exponent), 0)  # subnormals: fewer
+    return math.ldexp(round(mantissa * 2**bits), exponent - bits)
 
 
 def segments_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -229,8 +237,8 @@ def token_scale(alpha: float, d: int, *, seq_len: int,
     if segments is None:
         segments = torch.arange(keep.numel(), device=keep.device) // seq_len
     keep = keep.to(segments.device)
-    lengths = torch.zeros(int(segments.max()) + 1 if segments.numel() else 0,
-                          dtype=torch.float64, device=segments.device)
+    # at most one segment per token: an (N,) table needs no sync to size it
+    lengths = torch.zeros(segments.numel(), dtype=torch.float64, device=segments.device)
     lengths.index_add_(0, segments, keep.to(torch.float64))
     mag = float(alpha) / torch.sqrt(lengths[segments] * float(d))  # inf where L == 0: masked
     mag = torch.where(keep, mag, torch.zeros((), dtype=torch.float64, device=mag.device))

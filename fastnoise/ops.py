@@ -1,0 +1,125 @@
+"""The public ops as ``torch.library`` custom ops: opaque to torch.compile (no graph break),
+with fake implementations and registered autograd.
+
+* ``torch.ops.fastnoise.noisy_embedding`` -> (N, d) or (2N, d); its gradient is
+  ``torch.ops.fastnoise.noisy_embedding_backward``.
+* ``torch.ops.fastnoise.apply_noisytune_`` perturbs a list of tensors in place.
+
+The op bodies run eagerly, also inside a compiled graph: they check the ids (one device
+sync), pick the backend and, when asked to, draw a fresh seed from torch's default generator,
+so every call of a compiled model gets new noise. Seeds and counter offsets are uint64 carried
+as int64 bit patterns (the schema's ``int``).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import reference
+from .backends import resolve_backend
+
+_U64 = 1 << 64
+
+
+def as_int64(value: int) -> int:
+    """uint64 -> the int64 with the same bits."""
+    value = int(value) % _U64
+    return value - _U64 if value >= 1 << 63 else value
+
+
+def as_uint64(value: int) -> int:
+    return int(value) % _U64
+
+
+def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    lo, hi = torch.stack([lo, hi]).tolist()  # one device sync, before any kernel runs
+    if lo < 0 or hi >= num_embeddings:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"token id {bad} is out of range [0, {num_embeddings})")
+
+
+@torch.library.custom_op("fastnoise::noisy_embedding", mutates_args=())
+def noisy_embedding(weight: torch.Tensor, ids: torch.Tensor, tok_mag: Optional[torch.Tensor],
+                    noise: str, mag: float, seed: int, offset: int, draw_seed: bool,
+                    symmetric: bool, padding_idx: int, backend: str) -> torch.Tensor:
+    """Fused noisy embedding of the flat ``ids``; ``padding_idx`` < 0 means none (it only
+    matters for the gradient). With ``draw_seed`` the seed/offset arguments are ignored and
+    drawn from the device's default generator (rank-distinct under torch.distributed)."""
+    from .functional import draw_seed as draw
+
+    check_id_range(ids, weight.shape[0])
+    chosen = resolve_backend(backend, weight.device, weight.dtype)
+    if draw_seed:
+        seed, offset = draw(weight.device,
+                            reference.counters_used(noise, ids.numel(), weight.shape[1]),
+                            rank_distinct=True)
+    out = torch.empty(ids.numel() * (2 if symmetric else 1), weight.shape[1],
+                      dtype=weight.dtype, device=weight.device)
+    if ids.numel():
+        chosen.embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
+                                 seed=as_uint64(seed), offset=as_uint64(offset),
+                                 symmetric=symmetric)
+    return out
+
+
+@noisy_embedding.register_fake
+def _(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric, padding_idx,
+      backend):
+    return weight.new_empty(ids.numel() * (2 if symmetric else 1), weight.shape[1])
+
+
+@torch.library.custom_op("fastnoise::noisy_embedding_backward", mutates_args=())
+def noisy_embedding_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_weights: int,
+                             padding_idx: int, symmetric: bool, backend: str) -> torch.Tensor:
+    """Gradient of the weight: that of the plain embedding, the halves of a pair summed."""
+    chosen = resolve_backend(backend, grad_out.device, grad_out.dtype)
+    return chosen.embedding_backward(
+        grad_out.contiguous(), ids, num_weights,
+        padding_idx=None if padding_idx < 0 else padding_idx, symmetric=symmetric,
+        deterministic=torch.are_deterministic_algorithms_enabled())
+
+
+@noisy_embedding_backward.register_fake
+def _(grad_out, ids, num_weights, padding_idx, symmetric, backend):
+    return grad_out.new_empty(num_weights, grad_out.shape[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    weight, ids = inputs[0], inputs[1]
+    ctx.save_for_backward(ids)
+    ctx.num_weights = weight.shape[0]
+    ctx.symmetric, ctx.padding_idx, ctx.backend = inputs[8], inputs[9], inputs[10]
+
+
+def _backward(ctx, grad_out):
+    grad_weight = None
+    if ctx.needs_input_grad[0]:
+        (ids,) = ctx.saved_tensors
+        grad_weight = noisy_embedding_backward(grad_out, ids, ctx.num_weights, ctx.padding_idx,
+                                               ctx.symmetric, ctx.backend)
+    return (grad_weight,) + (None,) * 10
+
+
+noisy_embedding.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastnoise::apply_noisytune_", mutates_args=("tensors",))
+def apply_noisytune_(tensors: List[torch.Tensor], lam: float, seed: int, starts: List[int],
+                     backend: str) -> None:
+    """NoisyTune in place over contiguous tensors of one device and dtype; tensor k from
+    counter ``starts[k]``."""
+    if not tensors:
+        return
+    chosen = resolve_backend(backend, tensors[0].device, tensors[0].dtype)
+    chosen.noisytune_(list(tensors), lam, seed=as_uint64(seed),
+                      starts=[as_uint64(s) for s in starts])
+
+
+@apply_noisytune_.register_fake
+def _(tensors, lam, seed, starts, backend):
+    return None

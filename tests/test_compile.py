@@ -1,0 +1,90 @@
+"""The ops under torch.library.opcheck and torch.compile(fullgraph=True) on the CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastnoise
+from fastnoise import ops, reference as R
+
+BACKENDS = [b for b in fastnoise.available_backends("cpu") if b in ("reference", "cpu")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_opcheck_noisy_embedding(backend, symmetric):
+    weight = torch.randn(30, 12, requires_grad=True)
+    ids = torch.randint(0, 30, (17,))
+    tok_mag = torch.rand(17)
+    for args in [(weight, ids, None, "uniform", 0.1, ops.as_int64(2**63 + 7), 5, False,
+                  symmetric, 3, backend),
+                 (weight, ids, tok_mag, "bernoulli", 0.0, 1, 0, False, symmetric, -1, backend)]:
+        torch.library.opcheck(torch.ops.fastnoise.noisy_embedding.default, args)
+    grad = torch.randn(34 if symmetric else 17, 12)
+    torch.library.opcheck(torch.ops.fastnoise.noisy_embedding_backward.default,
+                          (grad, ids, 30, 3, symmetric, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_noisytune(backend):
+    tensors = [torch.randn(5, 7), torch.randn(33)]
+    torch.library.opcheck(torch.ops.fastnoise.apply_noisytune_.default,
+                          (tensors, 0.15, 3, [0, 9], backend),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_op_matches_reference_with_a_uint64_seed():
+    weight, ids = torch.randn(20, 9), torch.randint(0, 20, (6,))
+    out = torch.ops.fastnoise.noisy_embedding(weight, ids, None, "uniform", 0.5,
+                                              ops.as_int64(2**64 - 3), ops.as_int64(2**63),
+                                              False, False, -1, "reference")
+    expect = R.noisy_embedding(ids, weight, noise="uniform", mag=0.5, seed=2**64 - 3,
+                               offset=2**63)
+    assert torch.equal(out, expect)
+
+
+class _Tiny(nn.Module):
+    def __init__(self, symmetric=False):
+        super().__init__()
+        self.emb = fastnoise.NoisyEmbedding(50, 16, padding_idx=0, noise="uniform", alpha=5.0,
+                                            symmetric=symmetric)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, ids, mask=None):
+        return self.head(self.emb(ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_trains_with_fresh_noise(compiler):
+    torch.manual_seed(0)
+    model = _Tiny().train()
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    ids = torch.randint(0, 50, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[2, 5:] = 0
+    out = compiled(ids, mask)
+    out.sum().backward()
+    grad_compiled = model.emb.weight.grad.clone()
+    model.zero_grad()
+    model(ids, mask).sum().backward()  # eager: the noise is a constant, grads agree
+    torch.testing.assert_close(grad_compiled, model.emb.weight.grad)
+    a, b = compiled(ids, mask), compiled(ids, mask)
+    assert not torch.equal(a, b)  # every call draws new noise, also compiled
+    torch.manual_seed(5)
+    c = compiled(ids, mask)
+    torch.manual_seed(5)
+    assert torch.equal(c, compiled(ids, mask))
+    model.eval()
+    assert torch.equal(compiled(ids, mask), model.head(F.embedding(ids, model.emb.weight)))
+
+
+def test_compile_fullgraph_symmetric_pair():
+    torch.manual_seed(0)
+    model = _Tiny(symmetric=True).train()
+    compiled = torch.compile(model.emb, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 50, (2, 7))
+    pair = compiled(ids)
+    assert pair.shape == (4, 7, 16)
+    torch.testing.assert_close(pair[:2] + pair[2:], 2 * F.embedding(ids, model.emb.weight),
+                               rtol=0, atol=1e-6)
