@@ -239,6 +239,59 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
 # --------------------------------------------------------------------------------------
 # NoisyTune
 # --------------------------------------------------------------------------------------
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+def _merged_std(local: torch.Tensor, mesh, placements) -> torch.Tensor:
+    """Unbiased std of the whole DTensor: (count, mean, M2) of each shard, all-gathered over
+    the mesh dims it is sharded on and merged (Chan et al.) in rank order, in float64: no
+    sum-of-squares cancellation, and the same value on every rank."""
+    import torch.distributed as dist
+    x = local.detach().reshape(-1).to(torch.float64)
+    n = float(x.numel())
+    mean = x.mean() if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
+    m2 = ((x - mean) ** 2).sum()
+    stat = torch.stack([torch.tensor(n, dtype=torch.float64, device=x.device), mean, m2])
+    for dim, placement in enumerate(placements):
+        if not placement.is_shard():
+            continue  # replicated along this mesh dim: every rank already holds the same
+        group = mesh.get_group(dim)
+        parts = [torch.empty_like(stat) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, stat, group=group)
+        n, mean, m2 = 0.0, torch.zeros((), dtype=torch.float64, device=x.device), stat[2] * 0
+        for part in parts:
+            nb, mb, m2b = float(part[0]), part[1], part[2]
+            if nb == 0:
+                continue
+            total = n + nb
+            delta = mb - mean
+            mean = mean + delta * (nb / total)
+            m2 = m2 + m2b + delta * delta * (n * nb / total)
+            n = total
+        stat = torch.stack([torch.tensor(n, dtype=torch.float64, device=x.device), mean, m2])
+    n, m2 = float(stat[0]), stat[2]
+    return torch.sqrt(m2 / (n - 1)) if n > 1 else torch.zeros_like(m2)
+
+
+def _noisytune_dtensor_(t, lam: float, seed: int, start: int) -> None:
+    """NoisyTune of a sharded parameter (FSDP2 / DTensor): the std of the full matrix and,
+    for every element, the noise it would get unsharded. Runs the reference math on each
+    shard (chunked), not a fused kernel."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    if t.numel() < 2:
+        return
+    local = t.to_local()
+    std = _merged_std(local, t.device_mesh, t.placements).to(local.device)
+    if not bool(torch.isfinite(std)) or float(std) == 0.0:
+        return
+    _, global_offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    reference.noisytune_shard_(local, t.shape, global_offset, std, lam, seed=seed, start=start)
+
 def _unique_tensors(model_or_parameters) -> List[torch.Tensor]:
     if isinstance(model_or_parameters, torch.nn.Module):
         tensors = [p for _, p in model_or_parameters.named_parameters()]  # tied: once
@@ -287,6 +340,9 @@ def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor
     # one backend call per (device, dtype) group; non-contiguous tensors go through a copy
     groups = {}
     for t, start in zip(tensors, starts):
+        if _is_dtensor(t):
+            _noisytune_dtensor_(t, lam, seed, start)
+            continue
         groups.setdefault((t.device, t.dtype), []).append((t, start))
     for (device, dtype), members in groups.items():
         resolve_backend(backend, device, dtype)  # unavailable: raise before touching any

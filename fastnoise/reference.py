@@ -67,6 +67,7 @@ __all__ = [
     "philox4x32", "uniform01", "noise_words", "draw_noise", "noise_scale", "token_scale",
     "segments_from_position_ids", "segments_from_cu_seqlens",
     "noisy_embedding", "embedding_backward", "noisytune_offsets", "noisytune_",
+    "uniform01_at", "noisytune_shard_",
 ]
 
 M32 = 0xFFFFFFFF
@@ -291,6 +292,45 @@ def noisytune_offsets(numels: Sequence[int], offset: int = 0) -> list:
         starts.append(at & ((1 << 64) - 1))
         at += (int(numel) + 3) // 4
     return starts
+
+
+def uniform01_at(seed: int, start: int, flat_index: torch.Tensor) -> torch.Tensor:
+    """NoisyTune's u of the elements with these global flat indices (counter
+    ``start + i // 4``, word ``i % 4``), for tensors seen one shard at a time."""
+    lo, hi = _counters(start, flat_index // 4)
+    words = torch.stack(philox4x32(seed, lo, hi), dim=-1)
+    return uniform01(words.gather(-1, (flat_index % 4).unsqueeze(-1)).squeeze(-1))
+
+
+@torch.no_grad()
+def noisytune_shard_(local: torch.Tensor, global_shape: Sequence[int],
+                     global_offset: Sequence[int], std: torch.Tensor, lam: float, *,
+                     seed: int, start: int, chunk: int = 1 << 22) -> None:
+    """NoisyTune of one shard (a box of the full tensor at ``global_offset``) in place, with
+    the full tensor's ``std``: each element gets the noise it gets unsharded."""
+    if local.numel() == 0:
+        return
+    strides = [1] * len(global_shape)
+    for dim in range(len(global_shape) - 2, -1, -1):
+        strides[dim] = strides[dim + 1] * int(global_shape[dim + 1])
+    # the global flat index of each local element, built one dim at a time
+    flat = torch.zeros((), dtype=torch.int64, device=local.device)
+    for dim, size in enumerate(local.shape):
+        idx = (torch.arange(size, device=local.device) + int(global_offset[dim])) * strides[dim]
+        flat = flat.unsqueeze(-1) + idx
+    flat = flat.reshape(-1)
+    s = torch.tensor(lam, dtype=torch.float32, device=local.device) * std.to(torch.float32)
+    view = local.view(-1) if local.is_contiguous() else None
+    x = local.reshape(-1)
+    out = torch.empty_like(x)
+    for at in range(0, flat.numel(), chunk):
+        part = slice(at, at + chunk)
+        u = uniform01_at(seed, start, flat[part])
+        out[part] = (x[part].to(torch.float32) + (u - 0.5) * s).to(local.dtype)
+    if view is not None:
+        view.copy_(out)
+    else:
+        local.copy_(out.view(local.shape))
 
 
 @torch.no_grad()
