@@ -1,0 +1,121 @@
+// Philox words -> noise values, shared host/device. See fastnoise/reference.py.
+// Every float operation is rounded once: on the device through __fmul_rn/__fadd_rn (nvcc
+// never contracts those into an FMA), on the host the build passes -ffp-contract=off.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "philox.h"
+
+namespace fastnoise {
+
+enum NoiseKind : int { kUniform = 0, kGaussian = 1, kBernoulli = 2 };
+
+constexpr float kUniformScale = 4.6566127342e-10f;  // (2**31 - 1) * scale < 1
+constexpr float kGaussianMinU = 1e-7f;
+constexpr float kTwoPi = 6.283185307179586f;
+
+FASTNOISE_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+FASTNOISE_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+FASTNOISE_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+FASTNOISE_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+FASTNOISE_HD double sub_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// The type e + n is computed in: float32, but float64 for float64 weights (the contract).
+template <typename T>
+struct AddType {
+  using type = float;
+};
+template <>
+struct AddType<double> {
+  using type = double;
+};
+
+// Triton's uint_to_uniform_float: [0, 1).
+FASTNOISE_HD float uniform01(uint32_t w) {
+  const uint32_t v = w < 0x80000000u ? w : (~w & 0x7FFFFFFFu);
+  // v < 2**31: signed int -> float, round to nearest (both host and device).
+  return mul_rn(static_cast<float>(static_cast<int32_t>(v)), kUniformScale);
+}
+
+// Uniform noise in (-1, 1): u * 2 - 1 (u * 2 is exact, so one rounding).
+FASTNOISE_HD float uniform_noise(uint32_t w) {
+  return sub_rn(mul_rn(uniform01(w), 2.0f), 1.0f);
+}
+
+// Box-Muller on (wa, wb) -> (xa, xb), Triton's randn4x op order.
+FASTNOISE_HD void box_muller(uint32_t wa, uint32_t wb, float& xa, float& xb) {
+  float ua = uniform01(wa);
+  ua = ua < kGaussianMinU ? kGaussianMinU : ua;
+  const float th = mul_rn(kTwoPi, uniform01(wb));
+  const float rad = sqrtf(mul_rn(-2.0f, logf(ua)));
+  float s, c;
+#if defined(__CUDA_ARCH__)
+  sincosf(th, &s, &c);
+#else
+  s = sinf(th);
+  c = cosf(th);
+#endif
+  xa = mul_rn(rad, c);
+  xb = mul_rn(rad, s);
+}
+
+// The 4 unscaled noise values of one counter's words, uniform or gaussian.
+FASTNOISE_HD void words_to_noise4(const Words4& r, int kind, float xi[4]) {
+  if (kind == kGaussian) {
+    box_muller(r.w[0], r.w[1], xi[0], xi[1]);
+    box_muller(r.w[2], r.w[3], xi[2], xi[3]);
+  } else {
+    xi[0] = uniform_noise(r.w[0]);
+    xi[1] = uniform_noise(r.w[1]);
+    xi[2] = uniform_noise(r.w[2]);
+    xi[3] = uniform_noise(r.w[3]);
+  }
+}
+
+// Bernoulli +-1 from one bit: bit 0 -> +1, bit 1 -> -1.
+FASTNOISE_HD float sign_noise(uint32_t word, int bit) {
+  return ((word >> bit) & 1u) ? -1.0f : 1.0f;
+}
+
+// NoisyTune: (u - 0.5) * s, each op rounded once.
+FASTNOISE_HD float noisytune_delta(uint32_t w, float s) {
+  return mul_rn(sub_rn(uniform01(w), 0.5f), s);
+}
+
+}  // namespace fastnoise

@@ -1,0 +1,129 @@
+"""The compiled backends ("cpu" and "cuda") over the ``fastnoise._C`` extension.
+
+``fastnoise._C`` registers the ops ``torch.ops.fastnoise.embedding_forward``,
+``embedding_backward``, ``noisytune_`` (C++ CPU kernels, and CUDA kernels when built with
+nvcc) and ``cuda_built``. This module loads it if it was built, remembers why not otherwise,
+registers a fake (meta) implementation of every op so they trace under torch.compile /
+FakeTensor, and exposes :data:`CPU_BACKEND` and :data:`CUDA_BACKEND` for
+:mod:`fastnoise.backends`. Autograd is the frontend's business (an autograd.Function).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["CPU_BACKEND", "CUDA_BACKEND", "BUILD_HINT", "NOISE_CODES", "is_built",
+           "load_error", "cuda_built", "ExtensionBackend"]
+
+#: noise kind -> the int code the ops take
+NOISE_CODES = {"uniform": 0, "gaussian": 1, "bernoulli": 2}
+
+BUILD_HINT = ("run `pip install --no-build-isolation -e .` in the fastnoise checkout (needs a "
+              "C++ compiler; the CUDA kernels also need nvcc and a CUDA build of torch)")
+
+try:
+    from . import _C  # noqa: F401  (loading the .so registers torch.ops.fastnoise.*)
+    _LOAD_ERROR: Optional[str] = None
+except Exception as exc:  # not built (ImportError) or a broken / ABI-mismatched build
+    _C = None
+    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def is_built() -> bool:
+    """Whether ``fastnoise._C`` loaded."""
+    return _C is not None
+
+
+def load_error() -> Optional[str]:
+    """Why ``fastnoise._C`` did not load (None when it did)."""
+    return _LOAD_ERROR
+
+
+def cuda_built() -> bool:
+    """Whether the loaded extension contains the CUDA kernels."""
+    return _C is not None and bool(torch.ops.fastnoise.cuda_built())
+
+
+_U64 = (1 << 64) - 1
+
+
+def _as_int64(value: int) -> int:
+    """A uint64 (seed / counter offset) as the int64 with the same bits (the op schema's int)."""
+    value = int(value) & _U64
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+if _C is not None:
+    @torch.library.register_fake("fastnoise::embedding_forward")
+    def _embedding_forward_fake(ids, weight, out, noise, mag, tok_mag, seed, offset,
+                                symmetric):
+        return None
+
+    @torch.library.register_fake("fastnoise::embedding_backward")
+    def _embedding_backward_fake(grad_out, ids, num_weights, padding_idx, symmetric,
+                                 deterministic):
+        return grad_out.new_empty((num_weights, grad_out.shape[-1]))
+
+    @torch.library.register_fake("fastnoise::noisytune_")
+    def _noisytune_fake(tensors, lam, seed, starts):
+        return None
+
+
+class ExtensionBackend:
+    """A backend over the compiled ops, for one device type ("cpu" or "cuda")."""
+
+    _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+    def __init__(self, name: str, device_type: str):
+        self.name = name
+        self.device_type = device_type
+
+    def __repr__(self) -> str:
+        return f"<fastnoise {self.name!r} backend (C++ extension)>"
+
+    def unavailable_reason(self, device, dtype=None) -> Optional[str]:
+        if _C is None:
+            return f"the fastnoise C++ extension is not built ({_LOAD_ERROR}): {BUILD_HINT}"
+        device = torch.device(device)
+        if device.type != self.device_type:
+            return (f"the {self.name!r} backend runs on {self.device_type} tensors, "
+                    f"not {device.type}")
+        if self.device_type == "cuda" and not cuda_built():
+            return ("the fastnoise C++ extension was built without its CUDA kernels: "
+                    "reinstall with nvcc (CUDA_HOME) and a CUDA build of torch present: "
+                    "`pip install --no-build-isolation -e .`")
+        if dtype is not None and dtype not in self._DTYPES:
+            return (f"the {self.name!r} backend supports float32, float16, bfloat16 and "
+                    f"float64 weights, not {dtype}")
+        return None
+
+    def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
+                          symmetric):
+        try:
+            code = NOISE_CODES[noise]
+        except KeyError:
+            raise ValueError(f"unknown noise kind {noise!r}; expected one of "
+                             f"{tuple(NOISE_CODES)}") from None
+        torch.ops.fastnoise.embedding_forward(ids, weight, out, code, float(mag), tok_mag,
+                                              _as_int64(seed), _as_int64(offset),
+                                              bool(symmetric))
+        return out
+
+    def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
+                           deterministic):
+        return torch.ops.fastnoise.embedding_backward(
+            grad_out, ids, int(num_weights), None if padding_idx is None else int(padding_idx),
+            bool(symmetric), bool(deterministic))
+
+    def noisytune_(self, tensors: Sequence[torch.Tensor], lam, *, seed, starts):
+        tensors = list(tensors)
+        if not tensors:
+            return
+        torch.ops.fastnoise.noisytune_(tensors, float(lam), _as_int64(seed),
+                                       [_as_int64(s) for s in starts])
+
+
+CPU_BACKEND = ExtensionBackend("cpu", "cpu")
+CUDA_BACKEND = ExtensionBackend("cuda", "cuda")

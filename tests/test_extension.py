@@ -1,0 +1,432 @@
+"""The compiled extension (fastnoise._C): the "cpu" and "cuda" backends against the reference.
+
+Skipped as a whole when the extension is not built (``pip install --no-build-isolation -e .``).
+GPU tests carry ``@pytest.mark.gpu``; the nvcc compile check needs only nvcc.
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastnoise import reference as R
+from fastnoise import extension as ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------
+# The nvcc compile check (does not need the extension to be built, nor a GPU)
+# ---------------------------------------------------------------------------------------
+def _nvcc():
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return shutil.which("nvcc") or (str(Path(cuda_home) / "bin" / "nvcc")
+                                    if (Path(cuda_home) / "bin" / "nvcc").exists() else None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (CUDA toolkit not installed)")
+def test_cuda_sources_compile_with_nvcc():
+    """Every csrc/cuda/*.cu compiles for sm_80 and sm_90 against torch's headers."""
+    proc = subprocess.run(["bash", str(ROOT / ".ci" / "check_cuda_compiles.sh")],
+                          capture_output=True, text=True, env={**os.environ, "NVCC": _nvcc()})
+    if proc.returncode == 77:
+        pytest.skip("nvcc not found")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+
+
+# ---------------------------------------------------------------------------------------
+# Everything else needs the built extension
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _needs_extension(request):
+    """Every test but the nvcc compile check needs the built extension."""
+    if not ext.is_built() and request.node.originalname != "test_cuda_sources_compile_with_nvcc":
+        pytest.skip(f"fastnoise._C is not built ({ext.load_error()}); {ext.BUILD_HINT}")
+
+HAS_CUDA_KERNELS = ext.is_built() and ext.cuda_built() and torch.cuda.is_available()
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not HAS_CUDA_KERNELS,
+                           reason="needs a GPU and the extension built with CUDA kernels")]),
+]
+NOISES = ["uniform", "gaussian", "bernoulli"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+U64 = (1 << 64) - 1
+
+
+def _backend(device):
+    return ext.CPU_BACKEND if torch.device(device).type == "cpu" else ext.CUDA_BACKEND
+
+
+def _rand_u64():
+    return int(torch.randint(0, 2**63 - 1, (1,)).item()) * 2 + int(torch.randint(0, 2, (1,)))
+
+
+def _mag32(x):
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _forward(device, ids, weight, *, noise, mag=0.0, tok_mag=None, seed=0, offset=0,
+             symmetric=False):
+    n = ids.numel()
+    out = torch.full(((2 if symmetric else 1) * n, weight.shape[1]), float("nan"),
+                     dtype=weight.dtype, device=device)  # poisoned
+    _backend(device).embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
+                                       seed=seed, offset=offset, symmetric=symmetric)
+    return out
+
+
+def _check_forward(device, *, noise, dtype, V, d, n, symmetric=False, use_tok=False,
+                   seed=None, offset=None, id_dtype=torch.int64):
+    seed = _rand_u64() if seed is None else seed
+    offset = int(torch.randint(0, 2**40, (1,))) if offset is None else offset
+    weight = torch.randn(V, d).to(dtype).to(device)
+    ids = torch.randint(0, V, (n,), dtype=id_dtype, device=device)
+    mag = _mag32(float(torch.rand(())) * 0.3 + 0.01)
+    tok_mag = torch.rand(n, device=device) if use_tok else None
+    out = _forward(device, ids, weight, noise=noise, mag=mag, tok_mag=tok_mag, seed=seed,
+                   offset=offset, symmetric=symmetric)
+    ref = R.noisy_embedding(ids.cpu(), weight.cpu(), noise=noise, mag=mag,
+                            tok_mag=None if tok_mag is None else tok_mag.cpu(), seed=seed,
+                            offset=offset, symmetric=symmetric)
+    out = out.cpu()
+    assert not out.isnan().any()
+    if noise == "gaussian":
+        # transcendental functions may differ by an ulp: within the output's rounding
+        torch.testing.assert_close(out, ref, rtol=2e-6 if dtype == torch.float32 else None,
+                                   atol=2e-6 if dtype == torch.float32 else None)
+    else:
+        assert torch.equal(out, ref), (out - ref).abs().max()
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("d", [1, 3, 100, 130, 257, 512])
+def test_forward_matches_reference(device, noise, dtype, d):
+    _check_forward(device, noise=noise, dtype=dtype, V=97, d=d, n=37)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_symmetric_and_token_scale(device, noise, dtype):
+    _check_forward(device, noise=noise, dtype=dtype, V=50, d=136, n=23, symmetric=True)
+    _check_forward(device, noise=noise, dtype=dtype, V=50, d=136, n=23, use_tok=True)
+    _check_forward(device, noise=noise, dtype=dtype, V=50, d=260, n=9, symmetric=True,
+                   use_tok=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("noise", NOISES)
+def test_forward_single_token_int32_ids_float64(device, noise):
+    _check_forward(device, noise=noise, dtype=torch.float32, V=5, d=64, n=1,
+                   id_dtype=torch.int32)
+    _check_forward(device, noise=noise, dtype=torch.float64, V=11, d=33, n=7,
+                   id_dtype=torch.int32, symmetric=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("offset", [2**32 - 5, 2**64 - 3, U64, 2**63 - 1])
+def test_forward_large_offsets_and_seeds(device, noise, offset):
+    """Counters that cross 2**32 (carry into the high word) and wrap around 2**64."""
+    for seed in (U64, 2**63, 2**32 - 1, 0):
+        _check_forward(device, noise=noise, dtype=torch.float32, V=20, d=260, n=6,
+                       seed=seed, offset=offset)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gaussian_unscaled_noise(device):
+    """out = 0 + xi * 1 exposes the raw gaussian draws: within 1e-6 of the reference."""
+    n, d = 64, 516
+    seed, offset = _rand_u64(), int(torch.randint(0, 2**62, (1,)))
+    weight = torch.zeros(1, d, device=device)
+    ids = torch.zeros(n, dtype=torch.long, device=device)
+    xi = _forward(device, ids, weight, noise="gaussian", mag=1.0, seed=seed, offset=offset)
+    ref = R.draw_noise("gaussian", n, d, seed, offset)
+    torch.testing.assert_close(xi.cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_weight_with_row_stride(device):
+    """weight may be a column slice (stride(1) == 1, stride(0) > d)."""
+    big = torch.randn(40, 300, device=device)
+    weight = big[:, 8:8 + 256]
+    ids = torch.randint(0, 40, (17,), device=device)
+    for noise in NOISES:
+        out = _forward(device, ids, weight, noise=noise, mag=0.125, seed=7, offset=3)
+        ref = R.noisy_embedding(ids.cpu(), weight.cpu().contiguous(), noise=noise, mag=0.125,
+                                seed=7, offset=3)
+        torch.testing.assert_close(out.cpu(), ref, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_zero_tokens(device):
+    weight = torch.randn(4, 8, device=device)
+    ids = torch.zeros(0, dtype=torch.long, device=device)
+    assert _forward(device, ids, weight, noise="uniform", mag=0.1).shape == (0, 8)
+
+
+def test_forward_out_of_range_ids_raise_on_cpu():
+    weight = torch.randn(10, 16)
+    for bad in (10, -1, 2**40):
+        ids = torch.tensor([1, bad, 2])
+        with pytest.raises(RuntimeError, match="out of range"):
+            _forward("cpu", ids, weight, noise="uniform", mag=0.1)
+        with pytest.raises(RuntimeError, match="out of range"):
+            ext.CPU_BACKEND.embedding_backward(torch.randn(3, 16), ids, 10, padding_idx=None,
+                                               symmetric=False, deterministic=True)
+
+
+def test_forward_rejects_bad_arguments():
+    weight = torch.randn(10, 16)
+    ids = torch.tensor([1, 2])
+    out = torch.empty(2, 16)
+    with pytest.raises(RuntimeError, match="shape"):
+        _backend("cpu").embedding_forward(ids, weight, torch.empty(3, 16), noise="uniform",
+                                          mag=0.1, tok_mag=None, seed=0, offset=0,
+                                          symmetric=False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        _backend("cpu").embedding_forward(ids, weight, out.half(), noise="uniform", mag=0.1,
+                                          tok_mag=None, seed=0, offset=0, symmetric=False)
+    with pytest.raises(RuntimeError, match="noise code"):
+        torch.ops.fastnoise.embedding_forward(ids, weight, out, 7, 0.1, None, 0, 0, False)
+    with pytest.raises(ValueError, match="unknown noise"):
+        _backend("cpu").embedding_forward(ids, weight, out, noise="laplace", mag=0.1,
+                                          tok_mag=None, seed=0, offset=0, symmetric=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_matches_reference(device, dtype, symmetric, deterministic):
+    V, d, n = 31, 130, 200  # many repeated ids
+    ids = torch.randint(0, V, (n,), device=device)
+    padding_idx = int(ids[3])
+    grad_out = torch.randn((2 if symmetric else 1) * n, d).to(dtype).to(device)
+    got = _backend(device).embedding_backward(grad_out, ids, V, padding_idx=padding_idx,
+                                              symmetric=symmetric, deterministic=deterministic)
+    assert got.dtype == dtype and got.shape == (V, d)
+    ref = R.embedding_backward(grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx,
+                               symmetric=symmetric).to(dtype)
+    assert torch.all(got[padding_idx] == 0)
+    if device == "cpu" or deterministic:
+        # same fp32 summation order as the reference's index_add_ on CPU
+        assert torch.equal(got.cpu(), ref)
+    else:
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
+    untouched = sorted(set(range(V)) - set(ids.tolist()))
+    if untouched:
+        assert torch.all(got[untouched] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_deterministic_run_to_run(device):
+    V, d, n = 7, 96, 3000
+    ids = torch.randint(0, V, (n,), device=device, dtype=torch.int32)
+    grad_out = torch.randn(2 * n, d, device=device)
+    runs = [_backend(device).embedding_backward(grad_out, ids, V, padding_idx=None,
+                                                symmetric=True, deterministic=True)
+            for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_negative_padding_idx_and_empty(device):
+    V, d = 6, 5
+    ids = torch.tensor([5, 5, 0, 1], device=device)
+    g = torch.randn(4, d, device=device)
+    got = _backend(device).embedding_backward(g, ids, V, padding_idx=-1, symmetric=False,
+                                              deterministic=True)
+    assert torch.all(got[5] == 0) and torch.equal(got[0].cpu(), g[2].cpu())
+    empty = _backend(device).embedding_backward(
+        torch.zeros(0, d, device=device), torch.zeros(0, dtype=torch.long, device=device), V,
+        padding_idx=None, symmetric=False, deterministic=True)
+    assert empty.shape == (V, d) and not empty.any()
+
+
+# ---------------------------------------------------------------------------------------
+# NoisyTune
+# ---------------------------------------------------------------------------------------
+def _noisytune_check(device, tensors, lam, seed, offset):
+    starts = R.noisytune_offsets([t.numel() for t in tensors], offset)
+    before = [t.clone() for t in tensors]
+    expected = [t.detach().cpu().clone() for t in tensors]
+    R.noisytune_(expected, lam, seed=seed, offset=offset)
+    _backend(device).noisytune_(tensors, lam, seed=seed, starts=starts)
+    for got, exp, old in zip(tensors, expected, before):
+        got = got.cpu()
+        if torch.equal(exp, old.cpu()):  # skipped by the reference
+            assert torch.equal(got, old.cpu())
+            continue
+        # std may differ by an ulp: the deltas agree to ~1e-6 relative, the result to the
+        # rounding of the final add
+        delta_got = got.double() - old.cpu().double()
+        delta_exp = exp.double() - old.cpu().double()
+        eps = torch.finfo(got.dtype).eps
+        tol = eps * old.cpu().double().abs() + 1e-5 * delta_exp.abs() + 1e-30
+        assert torch.all((delta_got - delta_exp).abs() <= tol), \
+            ((delta_got - delta_exp).abs() - tol).max()
+        assert not torch.equal(got, old.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_noisytune_matches_reference(device, dtype):
+    shapes = [(64, 33), (7,), (1,), (3, 5, 2), (1000,), (129, 257)]
+    tensors = [torch.randn(s).to(dtype).to(device) for s in shapes]
+    tensors.append(torch.full((50,), 3.0, dtype=dtype, device=device))  # std 0: unchanged
+    tensors.append(torch.zeros(0, dtype=dtype, device=device))
+    _noisytune_check(device, tensors, 0.15, _rand_u64(), int(torch.randint(0, 2**40, (1,))))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noisytune_exact_float32(device):
+    """float32 result is the reference's bit for bit when the std agrees."""
+    t = torch.randn(4099, device=device)
+    exp = t.cpu().clone()
+    R.noisytune_([exp], 0.1, seed=3, offset=2**64 - 5)
+    _backend(device).noisytune_([t], 0.1, seed=3, starts=[2**64 - 5])
+    diff = (t.cpu() - exp).abs()
+    assert diff.max() <= 2 * torch.finfo(torch.float32).eps * exp.abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noisytune_large_mean_and_mixed_dtypes(device):
+    big = (1000.0 + 0.01 * torch.randn(100_000)).to(device)  # naive sum of squares fails here
+    half = torch.randn(300).half().to(device)
+    one = torch.tensor([5.0], device=device)
+    inf = torch.tensor([1.0, float("inf"), 2.0], device=device)
+    _noisytune_check(device, [big, one, half, inf], 0.2, _rand_u64(), 12345)
+    assert one.item() == 5.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noisytune_std_is_stable(device):
+    """The scale uses an accurate std even for a large mean: perturbation ~ lam * 0.01."""
+    t = (1000.0 + 0.01 * torch.randn(1 << 16, dtype=torch.float64)).float().to(device)
+    before = t.clone()
+    _backend(device).noisytune_([t], 1.0, seed=1, starts=[0])
+    spread = (t - before).double()
+    true_std = before.double().std().item()
+    # (u - 0.5) * s spans [-s/2, s/2) ~ uniform: its std is s / sqrt(12)
+    assert abs(spread.std().item() * 12 ** 0.5 / true_std - 1) < 0.05
+
+
+# ---------------------------------------------------------------------------------------
+# Op registration: schemas, fake kernels, opcheck
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    opcheck = torch.library.opcheck
+    V, d, n = 20, 36, 9
+    w = torch.randn(V, d, device=device)
+    ids = torch.randint(0, V, (n,), device=device)
+    for noise in (0, 1, 2):
+        out = torch.empty(2 * n, d, device=device)
+        opcheck(torch.ops.fastnoise.embedding_forward.default,
+                (ids, w, out, noise, 0.1, torch.rand(n, device=device), 5, -3, True))
+        opcheck(torch.ops.fastnoise.embedding_forward.default,
+                (ids, w, out[:n], noise, 0.1, None, -1, 2**40, False))
+    g = torch.randn(2 * n, d, device=device)
+    opcheck(torch.ops.fastnoise.embedding_backward.default, (g, ids, V, 3, True, True))
+    opcheck(torch.ops.fastnoise.embedding_backward.default, (g[:n], ids, V, None, False, False))
+    ts = [torch.randn(10, 3, device=device), torch.randn(7, device=device)]
+    opcheck(torch.ops.fastnoise.noisytune_.default, (ts, 0.1, 9, [0, 8]))
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        g = torch.empty(12, 8)
+        ids = torch.empty(6, dtype=torch.long)
+        grad = torch.ops.fastnoise.embedding_backward(g, ids, 100, None, True, True)
+        assert grad.shape == (100, 8)
+        out = torch.empty(6, 8)
+        torch.ops.fastnoise.embedding_forward(ids, torch.empty(100, 8), out, 0, 0.1, None, 0,
+                                              0, False)
+
+
+def test_torch_compile_forward():
+    weight = torch.randn(30, 16)
+    ids = torch.randint(0, 30, (5,))
+
+    def f(ids, weight):
+        out = torch.empty(5, 16)
+        torch.ops.fastnoise.embedding_forward(ids, weight, out, 2, 0.5, None, 11, 4, False)
+        return out * 2
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(ids, weight)
+    ref = R.noisy_embedding(ids, weight, noise="bernoulli", mag=0.5, seed=11, offset=4) * 2
+    assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Backend objects
+# ---------------------------------------------------------------------------------------
+def test_backend_availability():
+    assert ext.CPU_BACKEND.name == "cpu" and ext.CUDA_BACKEND.name == "cuda"
+    assert ext.CPU_BACKEND.unavailable_reason("cpu") is None
+    assert ext.CPU_BACKEND.unavailable_reason("cpu", torch.bfloat16) is None
+    assert "int64" in ext.CPU_BACKEND.unavailable_reason("cpu", torch.int64)
+    assert ext.CPU_BACKEND.unavailable_reason("cuda") is not None
+    assert ext.CUDA_BACKEND.unavailable_reason("cpu") is not None
+    reason = ext.CUDA_BACKEND.unavailable_reason("cuda")
+    if ext.cuda_built():
+        assert reason is None
+    else:
+        assert "without its CUDA kernels" in reason and "pip install" in reason
+
+
+def test_registry_sees_extension_backends():
+    from fastnoise import backends
+    assert "cpu" in backends.available_backends("cpu")
+    assert backends.resolve_backend("cpu", "cpu").name == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_matches_cpu_extension_large(noise, dtype):
+    """A realistic size (vectorized paths, many blocks): CUDA == CPU extension."""
+    V, d, n = 1000, 4096, 2048
+    weight = torch.randn(V, d).to(dtype)
+    ids = torch.randint(0, V, (n,))
+    kw = dict(noise=noise, mag=_mag32(0.05), seed=_rand_u64(), offset=2**32 - 100,
+              symmetric=True)
+    cpu = _forward("cpu", ids, weight, **kw)
+    gpu = _forward("cuda", ids.cuda(), weight.cuda(), **kw).cpu()
+    if noise == "gaussian":
+        torch.testing.assert_close(gpu, cpu, rtol=2e-6 if dtype == torch.float32 else None,
+                                   atol=2e-6 if dtype == torch.float32 else None)
+    else:
+        assert torch.equal(gpu, cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+def test_cuda_out_of_range_ids_do_not_crash():
+    weight = torch.randn(10, 64, device="cuda")
+    ids = torch.tensor([1, 10, -3, 2], device="cuda")
+    out = _forward("cuda", ids, weight, noise="uniform", mag=0.1)
+    torch.cuda.synchronize()
+    assert out[1].isnan().all() and out[2].isnan().all() and not out[0].isnan().any()
+    grad = ext.CUDA_BACKEND.embedding_backward(torch.ones(4, 64, device="cuda"), ids, 10,
+                                               padding_idx=None, symmetric=False,
+                                               deterministic=True)
+    assert grad.sum().item() == 128.0
