@@ -50,7 +50,9 @@ start where ``position_ids`` is 0, or at ``cu_seqlens`` boundaries); with an
 ``attention_mask``, only nonzero mask entries count, and masked tokens and sequences of
 length 0 get ``mag = 0``. Output:
 ``out = dtype(float32(e) + float32(xi * mag))`` (and ``e - n`` for the second half of a
-symmetric pair); float64 weights add in float64. NoisyTune: ``s = float32(lam) * std(W)`` (unbiased, float32),
+symmetric pair); float64 weights add in float64. A scaled embedding (Gemma: ``embed_scale``,
+rounded to the weight's dtype) first rounds ``e = dtype(e * embed_scale)``, then adds the
+noise; its gradient is ``embed_scale * grad``. NoisyTune: ``s = float32(lam) * std(W)`` (unbiased, float32),
 ``W = dtype(float32(W) + (u - 0.5) * s)``.
 """
 
@@ -251,15 +253,22 @@ def token_scale(alpha: float, d: int, *, seq_len: int,
 # --------------------------------------------------------------------------------------
 def noisy_embedding(ids: torch.Tensor, weight: torch.Tensor, *, noise: str,
                     mag: float = 0.0, tok_mag: Optional[torch.Tensor] = None,
-                    seed: int = 0, offset: int = 0, symmetric: bool = False) -> torch.Tensor:
+                    seed: int = 0, offset: int = 0, symmetric: bool = False,
+                    embed_scale: float = 1.0) -> torch.Tensor:
     """Forward of the fused op on flat ids (N,): returns (N, d), or (2N, d) when symmetric.
 
-    ``tok_mag`` (N,) float32 overrides the scalar ``mag`` when given.
+    ``tok_mag`` (N,) float32 overrides the scalar ``mag`` when given. ``embed_scale`` != 1
+    (Gemma's sqrt(d), already rounded to the weight's dtype) scales the looked-up rows first,
+    as the model's own embedding does, rounding the product to the weight's dtype:
+    ``e = dtype(float32(row) * float32(embed_scale))``; the noise lands on that.
     """
     n, d = ids.numel(), weight.shape[1]
+    rows = weight.index_select(0, ids.reshape(-1).long())
     # float32 math (float64 weights keep float64: the add must not lose their precision)
-    e = weight.index_select(0, ids.reshape(-1).long()).to(
-        torch.promote_types(weight.dtype, torch.float32))
+    e = rows.to(torch.promote_types(weight.dtype, torch.float32))
+    if embed_scale != 1.0:
+        e = (e * torch.tensor(embed_scale, dtype=e.dtype, device=e.device)).to(
+            weight.dtype).to(e.dtype)
     xi = draw_noise(noise, n, d, seed, offset, device=weight.device)
     if tok_mag is None:
         scale = torch.tensor(mag, dtype=torch.float32, device=weight.device)
@@ -271,13 +280,16 @@ def noisy_embedding(ids: torch.Tensor, weight: torch.Tensor, *, noise: str,
 
 
 def embedding_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_weights: int, *,
-                       padding_idx: Optional[int] = None,
-                       symmetric: bool = False) -> torch.Tensor:
-    """Gradient of the weight (float32) from grad_out (N, d) or (2N, d) for a pair."""
+                       padding_idx: Optional[int] = None, symmetric: bool = False,
+                       embed_scale: float = 1.0) -> torch.Tensor:
+    """Gradient of the weight (float32) from grad_out (N, d) or (2N, d) for a pair:
+    ``embed_scale * sum of grad_out rows per id`` (accumulated in float32)."""
     n = ids.numel()
     g = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
     if symmetric:
         g = g[:n] + g[n:]
+    if embed_scale != 1.0:
+        g = g * torch.tensor(embed_scale, dtype=torch.float32, device=g.device)
     grad = torch.zeros(num_weights, g.shape[1], dtype=torch.float32, device=g.device)
     grad.index_add_(0, ids.reshape(-1).long(), g)
     if padding_idx is not None:
