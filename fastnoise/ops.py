@@ -52,6 +52,11 @@ def noisy_embedding(weight: torch.Tensor, ids: torch.Tensor, tok_mag: Optional[t
     drawn from the device's default generator (rank-distinct under torch.distributed)."""
     from .functional import draw_seed as draw
 
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a seed drawn on the host would be frozen into the graph: every replay, same noise
+        raise RuntimeError("fastnoise.noisy_embedding does not support CUDA graph capture yet "
+                           "(torch.compile mode='reduce-overhead' or torch.cuda.graph): the noise "
+                           "would repeat on every replay; use the default compile mode")
     check_id_range(ids, weight.shape[0])
     chosen = resolve_backend(backend, weight.device, weight.dtype)
     if draw_seed:
