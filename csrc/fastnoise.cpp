@@ -27,12 +27,14 @@ bool cuda_built() { return FASTNOISE_WITH_CUDA != 0; }
 
 TORCH_LIBRARY(fastnoise, m) {
   // noise: 0 uniform, 1 gaussian, 2 bernoulli. seed/offset: uint64 passed as int64 bits.
+  // embed_scale: Gemma's scaled embedding (forward: e = dtype(e * embed_scale) before the
+  // noise; backward: embed_scale * the summed grad rows); 1.0 = unscaled.
   m.def(
       "embedding_forward(Tensor ids, Tensor weight, Tensor(a!) out, int noise, float mag, "
-      "Tensor? tok_mag, int seed, int offset, bool symmetric) -> ()");
+      "Tensor? tok_mag, int seed, int offset, bool symmetric, float embed_scale=1.0) -> ()");
   m.def(
       "embedding_backward(Tensor grad_out, Tensor ids, int num_weights, int? padding_idx, "
-      "bool symmetric, bool deterministic) -> Tensor");
+      "bool symmetric, bool deterministic, float embed_scale=1.0) -> Tensor");
   m.def("noisytune_(Tensor(a!)[] tensors, float lam, int seed, int[] starts) -> ()");
   // Whether the CUDA kernels were compiled into this build.
   m.def("cuda_built() -> bool", &fastnoise::cuda_built);

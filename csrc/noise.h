@@ -56,6 +56,14 @@ FASTNOISE_HD double sub_rn(double a, double b) {
 #endif
 }
 
+FASTNOISE_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // The type e + n is computed in: float32, but float64 for float64 weights (the contract).
 template <typename T>
 struct AddType {
@@ -65,6 +73,14 @@ template <>
 struct AddType<double> {
   using type = double;
 };
+
+// A scaled embedding (Gemma's embed_scale): the row element x (already in the add type A)
+// times s (embed_scale in A), rounded once to the weight dtype T, back in A. The noise is
+// added to this value. Only the HAS_SCALE instantiations of the kernels call it.
+template <typename T, typename A>
+FASTNOISE_HD A scale_embedding(A x, A s) {
+  return static_cast<A>(static_cast<T>(mul_rn(x, s)));
+}
 
 // Triton's uint_to_uniform_float: [0, 1).
 FASTNOISE_HD float uniform01(uint32_t w) {

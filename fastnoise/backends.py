@@ -5,12 +5,18 @@ A backend is an object with
 * ``name``: "reference", "triton", "cuda" or "cpu";
 * ``unavailable_reason(device, dtype=None) -> Optional[str]``: None when it can run on that
   device (and weight dtype), else a sentence saying what is missing and how to get it;
-* ``embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric)``:
-  writes the noisy embedding of the flat ids (N,) into ``out`` (N, d), or (2N, d) when
-  symmetric (rows [0, N) = e + n, [N, 2N) = e - n). ``tok_mag`` is None (use the float
-  ``mag``) or a float32 (N,) per-token scale. ``seed``, ``offset`` are ints in [0, 2**64).
-* ``embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, deterministic)``
-  -> the weight's gradient (num_weights, d), dtype of ``grad_out``, accumulated in float32;
+* ``embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric,
+  embed_scale=1.0)``: writes the noisy embedding of the flat ids (N,) into ``out`` (N, d), or
+  (2N, d) when symmetric (rows [0, N) = e + n, [N, 2N) = e - n). ``tok_mag`` is None (use the
+  float ``mag``) or a float32 (N,) per-token scale. ``seed``, ``offset`` are ints in
+  [0, 2**64). ``embed_scale`` (a float, Gemma's scaled embedding, already rounded to the
+  weight's dtype) != 1 first makes ``e = dtype(e * embed_scale)``, then adds the noise; 1.0
+  must cost nothing (the kernels compile it out);
+* ``embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, deterministic,
+  embed_scale=1.0)`` -> the weight's gradient (num_weights, d), dtype of ``grad_out``,
+  accumulated in float32: ``embed_scale * (the grad rows summed per id)``, each float32
+  token row (the pair's halves summed first) multiplied by float32(embed_scale) before it
+  is accumulated;
 * ``noisytune_(tensors, lam, *, seed, starts)``: perturbs each tensor in place, tensor k from
   counter ``starts[k]``.
 
@@ -44,14 +50,16 @@ class ReferenceBackend:
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
-                          symmetric):
+                          symmetric, embed_scale=1.0):
         out.copy_(reference.noisy_embedding(ids, weight, noise=noise, mag=mag, tok_mag=tok_mag,
-                                            seed=seed, offset=offset, symmetric=symmetric))
+                                            seed=seed, offset=offset, symmetric=symmetric,
+                                            embed_scale=embed_scale))
 
     def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
-                           deterministic):
+                           deterministic, embed_scale=1.0):
         grad = reference.embedding_backward(grad_out, ids, num_weights,
-                                            padding_idx=padding_idx, symmetric=symmetric)
+                                            padding_idx=padding_idx, symmetric=symmetric,
+                                            embed_scale=embed_scale)
         return grad.to(grad_out.dtype)
 
     def noisytune_(self, tensors, lam, *, seed, starts):

@@ -58,12 +58,12 @@ def _as_int64(value: int) -> int:
 if _C is not None:
     @torch.library.register_fake("fastnoise::embedding_forward")
     def _embedding_forward_fake(ids, weight, out, noise, mag, tok_mag, seed, offset,
-                                symmetric):
+                                symmetric, embed_scale=1.0):
         return None
 
     @torch.library.register_fake("fastnoise::embedding_backward")
     def _embedding_backward_fake(grad_out, ids, num_weights, padding_idx, symmetric,
-                                 deterministic):
+                                 deterministic, embed_scale=1.0):
         return grad_out.new_empty((num_weights, grad_out.shape[-1]))
 
     @torch.library.register_fake("fastnoise::noisytune_")
@@ -100,7 +100,7 @@ class ExtensionBackend:
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
-                          symmetric):
+                          symmetric, embed_scale=1.0):
         try:
             code = NOISE_CODES[noise]
         except KeyError:
@@ -108,14 +108,14 @@ class ExtensionBackend:
                              f"{tuple(NOISE_CODES)}") from None
         torch.ops.fastnoise.embedding_forward(ids, weight, out, code, float(mag), tok_mag,
                                               _as_int64(seed), _as_int64(offset),
-                                              bool(symmetric))
+                                              bool(symmetric), float(embed_scale))
         return out
 
     def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
-                           deterministic):
+                           deterministic, embed_scale=1.0):
         return torch.ops.fastnoise.embedding_backward(
             grad_out, ids, int(num_weights), None if padding_idx is None else int(padding_idx),
-            bool(symmetric), bool(deterministic))
+            bool(symmetric), bool(deterministic), float(embed_scale))
 
     def noisytune_(self, tensors: Sequence[torch.Tensor], lam, *, seed, starts):
         tensors = list(tensors)

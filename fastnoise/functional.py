@@ -53,6 +53,14 @@ def check_nonnegative(name: str, value) -> float:
     return value
 
 
+def _check_finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
 def check_seed(seed) -> Optional[int]:
     if seed is None:
         return None
@@ -163,7 +171,8 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
                     attention_mask: Optional[torch.Tensor] = None,
                     padding_idx: Optional[int] = None, seed: Optional[int] = None,
                     backend: str = "auto", position_ids: Optional[torch.Tensor] = None,
-                    cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    cu_seqlens: Optional[torch.Tensor] = None,
+                    embed_scale: float = 1.0) -> torch.Tensor:
     """Embedding lookup plus NEFTune-style noise, fused: ``weight[input] + mag * xi``.
 
     Args:
@@ -184,6 +193,9 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
             sequence starts wherever ``position_ids`` is 0, and L is each sequence's own length.
         cu_seqlens: the same for flash-attention's varlen layout: sequence boundaries
             ``[0, len_0, len_0 + len_1, ..., input.numel()]`` over the flattened ids.
+        embed_scale: a scaled embedding's factor (Gemma: sqrt(d)): the rows are multiplied
+            by it in the weight's dtype, as the model's own embedding does, and the noise is
+            added to the scaled rows (where the Hugging Face hook adds it). Fused in the kernel.
 
     Returns:
         (*input.shape, d), or with ``symmetric`` (2 * input.shape[0], *input.shape[1:], d).
@@ -192,6 +204,7 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     noise = check_noise(noise)
     alpha = check_nonnegative("alpha", alpha)
     seed = check_seed(seed)
+    embed_scale = _check_finite("embed_scale", embed_scale)
     _check_ids(input)
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but weight is on {weight.device}")
@@ -232,7 +245,8 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
         weight = weight.contiguous()
     out = ops.noisy_embedding(weight, ids, tok_mag, noise, mag,
                               ops.as_int64(seed or 0), 0, seed is None, symmetric,
-                              -1 if padding_idx is None else padding_idx, backend)
+                              -1 if padding_idx is None else padding_idx, backend,
+                              reference.round_to_dtype(embed_scale, weight.dtype))
     return out.view(out_shape)
 
 

@@ -33,13 +33,16 @@ class NoisyEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int,
                  padding_idx: Optional[int] = None, *, noise: str = "uniform",
                  alpha: float = 5.0, symmetric: bool = False, backend: str = "auto",
-                 _weight: Optional[torch.Tensor] = None, device=None, dtype=None):
+                 embed_scale: float = 1.0, _weight: Optional[torch.Tensor] = None,
+                 device=None, dtype=None):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx,
                          _weight=_weight, device=device, dtype=dtype)
         self.noise = check_noise(noise)
         self.alpha = check_nonnegative("alpha", alpha)
         self.symmetric = bool(symmetric)
         self.backend = backend
+        # a scaled embedding (Gemma's sqrt(d)): rows * embed_scale in the weight's dtype
+        self.embed_scale = float(embed_scale)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, *, method: Optional[str] = None,
@@ -49,7 +52,8 @@ class NoisyEmbedding(nn.Embedding):
         """Wrap an existing ``nn.Embedding``, sharing its weight Parameter (ties stay tied).
 
         ``method`` ("neftune", "gaussian", "symnoise") presets ``noise`` and ``symmetric``;
-        explicit ``noise``/``symmetric`` override it.
+        explicit ``noise``/``symmetric`` override it. A scaled embedding (transformers'
+        Gemma ``*ScaledWordEmbedding``, with an ``embed_scale``) keeps its scale, fused.
         """
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
@@ -63,8 +67,10 @@ class NoisyEmbedding(nn.Embedding):
         noise = preset_noise if noise is None else noise
         symmetric = preset_symmetric if symmetric is None else symmetric
         weight = embedding.weight
+        scale = getattr(embedding, "embed_scale", 1.0)
+        scale = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
         new = cls(weight.shape[0], weight.shape[1], padding_idx=None, noise=noise, alpha=alpha,
-                  symmetric=symmetric, backend=backend, _weight=weight)
+                  symmetric=symmetric, backend=backend, embed_scale=scale, _weight=weight)
         new.weight = weight  # the same Parameter object, not a copy
         new.padding_idx = embedding.padding_idx
         new.train(embedding.training)
@@ -74,7 +80,10 @@ class NoisyEmbedding(nn.Embedding):
                 position_ids: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None):
         if not self.training:
-            return F.embedding(input, self.weight, self.padding_idx)
+            out = F.embedding(input, self.weight, self.padding_idx)
+            if self.embed_scale != 1.0:  # exactly what the scaled embedding computes
+                out = out * torch.tensor(self.embed_scale, device=out.device).to(out.dtype)
+            return out
         # fastnoise.patch puts the model call's mask / packing inputs here for its duration
         context = self.__dict__.get("_fastnoise_context") or {}
         if attention_mask is None:
@@ -87,8 +96,10 @@ class NoisyEmbedding(nn.Embedding):
         return noisy_embedding(input, self.weight, noise=self.noise, alpha=self.alpha,
                                symmetric=self.symmetric, attention_mask=attention_mask,
                                padding_idx=self.padding_idx, backend=self.backend,
-                               position_ids=position_ids, cu_seqlens=cu_seqlens)
+                               position_ids=position_ids, cu_seqlens=cu_seqlens,
+                               embed_scale=self.embed_scale)
 
     def extra_repr(self) -> str:
+        scale = f", embed_scale={self.embed_scale}" if self.embed_scale != 1.0 else ""
         return (f"{super().extra_repr()}, noise={self.noise!r}, alpha={self.alpha}, "
-                f"symmetric={self.symmetric}, backend={self.backend!r}")
+                f"symmetric={self.symmetric}, backend={self.backend!r}{scale}")

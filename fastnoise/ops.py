@@ -46,10 +46,12 @@ def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
 @torch.library.custom_op("fastnoise::noisy_embedding", mutates_args=())
 def noisy_embedding(weight: torch.Tensor, ids: torch.Tensor, tok_mag: Optional[torch.Tensor],
                     noise: str, mag: float, seed: int, offset: int, draw_seed: bool,
-                    symmetric: bool, padding_idx: int, backend: str) -> torch.Tensor:
+                    symmetric: bool, padding_idx: int, backend: str,
+                    embed_scale: float = 1.0) -> torch.Tensor:
     """Fused noisy embedding of the flat ``ids``; ``padding_idx`` < 0 means none (it only
     matters for the gradient). With ``draw_seed`` the seed/offset arguments are ignored and
-    drawn from the device's default generator (rank-distinct under torch.distributed)."""
+    drawn from the device's default generator (rank-distinct under torch.distributed).
+    ``embed_scale`` (already rounded to the weight's dtype) scales the rows first (Gemma)."""
     from .functional import draw_seed as draw
 
     if weight.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -68,29 +70,31 @@ def noisy_embedding(weight: torch.Tensor, ids: torch.Tensor, tok_mag: Optional[t
     if ids.numel():
         chosen.embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
                                  seed=as_uint64(seed), offset=as_uint64(offset),
-                                 symmetric=symmetric)
+                                 symmetric=symmetric, embed_scale=embed_scale)
     return out
 
 
 @noisy_embedding.register_fake
 def _(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric, padding_idx,
-      backend):
+      backend, embed_scale=1.0):
     return weight.new_empty(ids.numel() * (2 if symmetric else 1), weight.shape[1])
 
 
 @torch.library.custom_op("fastnoise::noisy_embedding_backward", mutates_args=())
 def noisy_embedding_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_weights: int,
-                             padding_idx: int, symmetric: bool, backend: str) -> torch.Tensor:
-    """Gradient of the weight: that of the plain embedding, the halves of a pair summed."""
+                             padding_idx: int, symmetric: bool, backend: str,
+                             embed_scale: float = 1.0) -> torch.Tensor:
+    """Gradient of the weight: that of the (scaled) plain embedding, the halves of a pair
+    summed."""
     chosen = resolve_backend(backend, grad_out.device, grad_out.dtype)
     return chosen.embedding_backward(
         grad_out.contiguous(), ids, num_weights,
         padding_idx=None if padding_idx < 0 else padding_idx, symmetric=symmetric,
-        deterministic=torch.are_deterministic_algorithms_enabled())
+        deterministic=torch.are_deterministic_algorithms_enabled(), embed_scale=embed_scale)
 
 
 @noisy_embedding_backward.register_fake
-def _(grad_out, ids, num_weights, padding_idx, symmetric, backend):
+def _(grad_out, ids, num_weights, padding_idx, symmetric, backend, embed_scale=1.0):
     return grad_out.new_empty(num_weights, grad_out.shape[-1])
 
 
@@ -99,6 +103,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(ids)
     ctx.num_weights = weight.shape[0]
     ctx.symmetric, ctx.padding_idx, ctx.backend = inputs[8], inputs[9], inputs[10]
+    ctx.embed_scale = inputs[11] if len(inputs) > 11 else 1.0
 
 
 def _backward(ctx, grad_out):
@@ -106,8 +111,8 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[0]:
         (ids,) = ctx.saved_tensors
         grad_weight = noisy_embedding_backward(grad_out, ids, ctx.num_weights, ctx.padding_idx,
-                                               ctx.symmetric, ctx.backend)
-    return (grad_weight,) + (None,) * 10
+                                               ctx.symmetric, ctx.backend, ctx.embed_scale)
+    return (grad_weight,) + (None,) * 11
 
 
 noisy_embedding.register_autograd(_backward, setup_context=_setup_context)

@@ -197,13 +197,33 @@ def noise_scale(alpha: float, length: int, d: int) -> float:
     return round_to_float32(float(alpha) / math.sqrt(float(length) * float(d)))
 
 
-def round_to_float32(x: float) -> float:
-    """The float32 nearest to x (ties to even), in plain Python (traceable by torch.compile)."""
-    if x == 0.0 or not math.isfinite(x):
+#: (mantissa bits with the implicit one, frexp exponent of the smallest normal) per dtype
+_FLOAT_FORMATS = {torch.float32: (24, -125), torch.bfloat16: (8, -125), torch.float16: (11, -13)}
+
+
+def round_to_dtype(x: float, dtype: torch.dtype) -> float:
+    """The value of ``torch.tensor(x, dtype=float64).to(dtype)``, in plain Python (traceable
+    by torch.compile): round to nearest even, to float32 first, as torch does (so fp16 and
+    bf16 round twice, exactly like a float32 buffer ``.to(dtype)``). No overflow handling."""
+    if dtype == torch.float64 or x == 0.0 or not math.isfinite(x):
+        return float(x)
+    if dtype != torch.float32:
+        x = _round_mantissa(x, *_FLOAT_FORMATS[torch.float32])
+    return _round_mantissa(x, *_FLOAT_FORMATS[dtype])
+
+
+def _round_mantissa(x: float, bits: int, min_exponent: int) -> float:
+    if x == 0.0:
         return x
     mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
-    bits = 24 if exponent >= -125 else max(24 - (-125 - exponent), 0)  # subnormals: fewer
+    if exponent < min_exponent:  # subnormal: fewer mantissa bits
+        bits -= min_exponent - exponent  # may go negative: rounds to 0 or the smallest
     return math.ldexp(round(mantissa * 2**bits), exponent - bits)
+
+
+def round_to_float32(x: float) -> float:
+    """The float32 nearest to x (ties to even)."""
+    return round_to_dtype(x, torch.float32)
 
 
 def segments_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

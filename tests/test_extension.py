@@ -73,34 +73,42 @@ def _mag32(x):
 
 
 def _forward(device, ids, weight, *, noise, mag=0.0, tok_mag=None, seed=0, offset=0,
-             symmetric=False):
+             symmetric=False, **kw):
     n = ids.numel()
     out = torch.full(((2 if symmetric else 1) * n, weight.shape[1]), float("nan"),
                      dtype=weight.dtype, device=device)  # poisoned
     _backend(device).embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
-                                       seed=seed, offset=offset, symmetric=symmetric)
+                                       seed=seed, offset=offset, symmetric=symmetric, **kw)
     return out
 
 
+def _embed_scale(d, dtype):
+    """Gemma's normalizer sqrt(d), rounded to the weight's dtype (as the model does)."""
+    return float(torch.tensor(d ** 0.5).to(dtype))
+
+
 def _check_forward(device, *, noise, dtype, V, d, n, symmetric=False, use_tok=False,
-                   seed=None, offset=None, id_dtype=torch.int64):
+                   seed=None, offset=None, id_dtype=torch.int64, embed_scale=None):
     seed = _rand_u64() if seed is None else seed
     offset = int(torch.randint(0, 2**40, (1,))) if offset is None else offset
     weight = torch.randn(V, d).to(dtype).to(device)
     ids = torch.randint(0, V, (n,), dtype=id_dtype, device=device)
     mag = _mag32(float(torch.rand(())) * 0.3 + 0.01)
     tok_mag = torch.rand(n, device=device) if use_tok else None
+    kw = {} if embed_scale is None else dict(embed_scale=embed_scale)
     out = _forward(device, ids, weight, noise=noise, mag=mag, tok_mag=tok_mag, seed=seed,
-                   offset=offset, symmetric=symmetric)
+                   offset=offset, symmetric=symmetric, **kw)
     ref = R.noisy_embedding(ids.cpu(), weight.cpu(), noise=noise, mag=mag,
                             tok_mag=None if tok_mag is None else tok_mag.cpu(), seed=seed,
-                            offset=offset, symmetric=symmetric)
+                            offset=offset, symmetric=symmetric, **kw)
     out = out.cpu()
     assert not out.isnan().any()
     if noise == "gaussian":
-        # transcendental functions may differ by an ulp: within the output's rounding
-        torch.testing.assert_close(out, ref, rtol=2e-6 if dtype == torch.float32 else None,
-                                   atol=2e-6 if dtype == torch.float32 else None)
+        # transcendental functions may differ by an ulp: within the output's rounding (the
+        # noise itself is float32, also for float64 weights)
+        wide = dtype in (torch.float32, torch.float64)
+        torch.testing.assert_close(out, ref, rtol=2e-6 if wide else None,
+                                   atol=2e-6 if wide else None)
     else:
         assert torch.equal(out, ref), (out - ref).abs().max()
 
@@ -171,6 +179,42 @@ def test_forward_weight_with_row_stride(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("noise", NOISES)
+def test_forward_embed_scale(device, noise, dtype):
+    """Gemma's scaled embedding: e = dtype(e * sqrt(d)) then the noise, bit for bit."""
+    for d, symmetric, use_tok in ((136, False, False), (136, True, False), (260, False, True),
+                                  (67, True, True)):
+        _check_forward(device, noise=noise, dtype=dtype, V=40, d=d, n=13, symmetric=symmetric,
+                       use_tok=use_tok, embed_scale=_embed_scale(d, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_embed_scale_no_noise_is_the_scaled_embedding(device, dtype):
+    """mag 0: the output is the model's own scaled embedding (HF Gemma: emb * normalizer)."""
+    V, d, n = 30, 256, 21
+    weight = (torch.randn(V, d) * 3).to(dtype).to(device)
+    ids = torch.randint(0, V, (n,), device=device)
+    normalizer = torch.tensor(d ** 0.5, dtype=dtype)
+    for noise in NOISES:
+        out = _forward(device, ids, weight, noise=noise, mag=0.0, seed=3, offset=1,
+                       symmetric=True, embed_scale=float(normalizer))
+        want = torch.nn.functional.embedding(ids.cpu(), weight.cpu()) * normalizer
+        assert torch.equal(out[:n].cpu(), want) and torch.equal(out[n:].cpu(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_embed_scale_one_is_unscaled(device):
+    weight = torch.randn(20, 130, device=device, dtype=torch.bfloat16)
+    ids = torch.randint(0, 20, (9,), device=device)
+    for noise in NOISES:
+        kw = dict(noise=noise, mag=0.1, seed=5, offset=7, symmetric=True)
+        assert torch.equal(_forward(device, ids, weight, **kw),
+                           _forward(device, ids, weight, embed_scale=1.0, **kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_forward_zero_tokens(device):
     weight = torch.randn(4, 8, device=device)
     ids = torch.zeros(0, dtype=torch.long, device=device)
@@ -232,6 +276,34 @@ def test_backward_matches_reference(device, dtype, symmetric, deterministic):
     untouched = sorted(set(range(V)) - set(ids.tolist()))
     if untouched:
         assert torch.all(got[untouched] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_embed_scale(device, dtype, symmetric, deterministic):
+    """grad = embed_scale * (rows summed per id): each row scaled before it is summed."""
+    V, d, n = 23, 130, 150
+    scale = _embed_scale(d, dtype)
+    ids = torch.randint(0, V, (n,), device=device)
+    padding_idx = int(ids[5])
+    grad_out = torch.randn((2 if symmetric else 1) * n, d).to(dtype).to(device)
+    got = _backend(device).embedding_backward(grad_out, ids, V, padding_idx=padding_idx,
+                                              symmetric=symmetric, deterministic=deterministic,
+                                              embed_scale=scale)
+    assert got.dtype == dtype and got.shape == (V, d)
+    ref = R.embedding_backward(grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx,
+                               symmetric=symmetric, embed_scale=scale).to(dtype)
+    if device == "cpu" or deterministic:
+        assert torch.equal(got.cpu(), ref)
+    else:
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-4)
+    unscaled = _backend(device).embedding_backward(grad_out, ids, V, padding_idx=padding_idx,
+                                                   symmetric=symmetric, deterministic=True,
+                                                   embed_scale=1.0)
+    assert torch.equal(unscaled.cpu(), R.embedding_backward(
+        grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx, symmetric=symmetric).to(dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -345,6 +417,12 @@ def test_opcheck(device):
     g = torch.randn(2 * n, d, device=device)
     opcheck(torch.ops.fastnoise.embedding_backward.default, (g, ids, V, 3, True, True))
     opcheck(torch.ops.fastnoise.embedding_backward.default, (g[:n], ids, V, None, False, False))
+    # embed_scale (last, default 1.0)
+    out = torch.empty(2 * n, d, device=device)
+    opcheck(torch.ops.fastnoise.embedding_forward.default,
+            (ids, w, out, 0, 0.1, None, 5, 3, True, 6.0))
+    opcheck(torch.ops.fastnoise.embedding_backward.default, (g, ids, V, 3, True, True, 6.0))
+    opcheck(torch.ops.fastnoise.embedding_backward.default, (g, ids, V, None, True, False, 6.0))
     ts = [torch.randn(10, 3, device=device), torch.randn(7, device=device)]
     opcheck(torch.ops.fastnoise.noisytune_.default, (ts, 0.1, 9, [0, 8]))
 
@@ -359,6 +437,10 @@ def test_fake_tensor_shapes():
         out = torch.empty(6, 8)
         torch.ops.fastnoise.embedding_forward(ids, torch.empty(100, 8), out, 0, 0.1, None, 0,
                                               0, False)
+        torch.ops.fastnoise.embedding_forward(ids, torch.empty(100, 8), out, 0, 0.1, None, 0,
+                                              0, False, 2.5)
+        grad = torch.ops.fastnoise.embedding_backward(g, ids, 100, None, True, True, 2.5)
+        assert grad.shape == (100, 8)
 
 
 def test_torch_compile_forward():
@@ -402,13 +484,16 @@ def test_registry_sees_extension_backends():
 @pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
 @pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_matches_cpu_extension_large(noise, dtype):
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "embed_scale"])
+def test_cuda_matches_cpu_extension_large(noise, dtype, scaled):
     """A realistic size (vectorized paths, many blocks): CUDA == CPU extension."""
     V, d, n = 1000, 4096, 2048
     weight = torch.randn(V, d).to(dtype)
     ids = torch.randint(0, V, (n,))
     kw = dict(noise=noise, mag=_mag32(0.05), seed=_rand_u64(), offset=2**32 - 100,
               symmetric=True)
+    if scaled:
+        kw["embed_scale"] = _embed_scale(d, dtype)
     cpu = _forward("cpu", ids, weight, **kw)
     gpu = _forward("cuda", ids.cuda(), weight.cuda(), **kw).cpu()
     if noise == "gaussian":

@@ -36,7 +36,30 @@ def _t5():
     return transformers.T5ForConditionalGeneration(cfg)
 
 
-MODELS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert, "t5": _t5}
+def _gemma():
+    cfg = transformers.GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=64)
+    return transformers.GemmaForCausalLM(cfg)
+
+
+def _mistral():
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, max_position_embeddings=64)
+    return transformers.MistralForCausalLM(cfg)
+
+
+def _qwen2():
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2, "bert": _bert, "t5": _t5, "gemma": _gemma,
+          "mistral": _mistral, "qwen2": _qwen2}
 
 
 def _batch(name, batch=2, length=10):
@@ -221,3 +244,40 @@ def test_packed_rows_get_each_sequence_length():
     torch.testing.assert_close(seen["noise"].abs(),
                                torch.full_like(seen["noise"], 5.0 / (10 * d) ** 0.5),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_noise_lands_on_the_scaled_embedding(dtype):
+    torch.manual_seed(0)
+    model = _gemma().to(dtype)
+    original = model.get_input_embeddings()
+    assert abs(float(original.embed_scale) - 32 ** 0.5) < 0.02  # a buffer in the model's dtype
+    ids = torch.randint(1, VOCAB, (2, 9))
+    scaled = original(ids)  # the unpatched model's own embedding output
+    fastnoise.patch(model, "neftune", noise="bernoulli", alpha=5.0)
+    emb = model.get_input_embeddings()
+    assert emb.embed_scale == float(original.embed_scale)
+    emb.eval()
+    assert torch.equal(emb(ids), scaled)
+    emb.train()
+    noise = (emb(ids).float() - scaled.float()).abs()
+    mag = 5.0 / (9 * 32) ** 0.5  # ±mag on the scaled rows, not sqrt(d) * mag
+    tol = 1e-6 if dtype == torch.float32 else 0.02 * float(scaled.float().abs().max())
+    assert float((noise - mag).abs().max()) <= tol
+    out = emb(ids)
+    out.float().sum().backward()  # d out / d weight = embed_scale per use
+    counts = torch.bincount(ids.reshape(-1), minlength=VOCAB).to(torch.float32)
+    expect = counts[:, None] * float(original.embed_scale)
+    torch.testing.assert_close(emb.weight.grad.float(), expect.expand(-1, 32),
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
+def test_gradient_checkpointing_model_trains():
+    torch.manual_seed(0)
+    model = _llama()
+    model.gradient_checkpointing_enable()
+    fastnoise.patch(model, "neftune")
+    model.train()
+    loss = model(**_batch("llama")).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad is not None

@@ -21,13 +21,20 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _forward(ids, weight, *, noise, mag=0.0, tok_mag=None, seed=0, offset=0, symmetric=False):
+def _forward(ids, weight, *, noise, mag=0.0, tok_mag=None, seed=0, offset=0, symmetric=False,
+             **kw):
     n, d = ids.numel(), weight.shape[1]
     out = torch.full((2 * n if symmetric else n, d), float("nan"), dtype=weight.dtype,
                      device=weight.device)  # poisoned: every element must be written
     BACKEND.embedding_forward(ids.reshape(-1).contiguous(), weight, out, noise=noise, mag=mag,
-                              tok_mag=tok_mag, seed=seed, offset=offset, symmetric=symmetric)
+                              tok_mag=tok_mag, seed=seed, offset=offset, symmetric=symmetric,
+                              **kw)
     return out
+
+
+def _embed_scale(d, dtype):
+    """Gemma's normalizer sqrt(d), rounded to the weight's dtype (as the model does)."""
+    return float(torch.tensor(d ** 0.5).to(dtype))
 
 
 def _check(out, ref, noise, mag):
@@ -158,6 +165,41 @@ def test_forward_float16(noise, symmetric):
         assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_forward_embed_scale(noise, dtype, symmetric, per_token):
+    """Gemma's scaled embedding: e = dtype(e * sqrt(d)), then the noise (bit for bit)."""
+    vocab, n, d = 23, 7, 130
+    weight = torch.randn(vocab, d, device=DEVICE).to(dtype)
+    ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    tok = torch.rand(n, device=DEVICE) if per_token else None
+    kw = dict(noise=noise, mag=0.25, tok_mag=tok, seed=2**64 - 5, offset=31,
+              symmetric=symmetric, embed_scale=_embed_scale(d, dtype))
+    out, ref = _forward(ids, weight, **kw), R.noisy_embedding(ids, weight, **kw)
+    assert out.dtype == dtype and not torch.isnan(out).any()
+    if noise == "gaussian":
+        tol = dict(rtol=1e-6, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-10,
+                                                                              atol=1e-5)
+        torch.testing.assert_close(out.float(), ref.float(), **tol)
+    else:
+        assert torch.equal(out, ref), (out.float() - ref.float()).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_forward_embed_scale_no_noise_and_one(dtype):
+    """mag 0 gives the model's own scaled embedding; embed_scale 1.0 is the unscaled op."""
+    vocab, n, d = 15, 6, 256
+    weight = (torch.randn(vocab, d, device=DEVICE) * 3).to(dtype)
+    ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    normalizer = torch.tensor(d ** 0.5, dtype=dtype, device=DEVICE)
+    out = _forward(ids, weight, noise="uniform", mag=0.0, embed_scale=float(normalizer))
+    assert torch.equal(out, torch.nn.functional.embedding(ids, weight) * normalizer)
+    kw = dict(noise="bernoulli", mag=0.1, seed=3, offset=4, symmetric=True)
+    assert torch.equal(_forward(ids, weight, **kw), _forward(ids, weight, embed_scale=1.0, **kw))
+
+
 def test_forward_is_reproducible_and_offset_sensitive():
     weight = torch.randn(16, 64, device=DEVICE)
     ids = torch.randint(0, 16, (10,), device=DEVICE)
@@ -193,6 +235,28 @@ def test_backward_matches_reference(dtype, symmetric, deterministic, padding_idx
     unused = torch.ones(vocab, dtype=torch.bool, device=DEVICE)
     unused[ids.long()] = False
     assert torch.equal(out[unused], torch.zeros_like(out[unused]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_embed_scale(dtype, symmetric, deterministic):
+    """grad = embed_scale * (grad rows summed per id)."""
+    vocab, n, d = 13, 30, 70
+    scale = _embed_scale(d, dtype)
+    ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    ids[:4] = 2
+    grad = torch.randn(2 * n if symmetric else n, d, device=DEVICE).to(dtype)
+    kw = dict(padding_idx=5, symmetric=symmetric)
+    out = BACKEND.embedding_backward(grad, ids, vocab, deterministic=deterministic,
+                                     embed_scale=scale, **kw)
+    ref = R.embedding_backward(grad, ids, vocab, embed_scale=scale, **kw)
+    assert out.shape == (vocab, d) and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    else:
+        torch.testing.assert_close(out, ref.to(dtype), rtol=1e-3, atol=1e-2)
+    assert torch.equal(out[5], torch.zeros_like(out[5]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -306,6 +370,34 @@ def test_gpu_forward_bf16_large(noise, symmetric):
         torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-5)
     else:
         assert torch.equal(out, ref)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_forward_embed_scale_large(noise, dtype):
+    vocab, d = 32000, 2048
+    weight = torch.randn(vocab, d, device="cuda", dtype=dtype)
+    ids = torch.randint(0, vocab, (2, 1024), device="cuda")
+    kw = dict(noise=noise, mag=R.noise_scale(5.0, 1024, d), seed=2**64 - 3,
+              offset=2**32 - 1000, symmetric=True, embed_scale=_embed_scale(d, dtype))
+    out = _forward(ids, weight, **kw)
+    ref = R.noisy_embedding(ids.reshape(-1), weight, **kw)
+    if noise == "gaussian":
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-5)
+    else:
+        assert torch.equal(out, ref)
+    grad = torch.randn(2 * ids.numel(), d, device="cuda").to(dtype)
+    for det in (False, True):
+        got = BACKEND.embedding_backward(grad, ids.reshape(-1), vocab, padding_idx=0,
+                                         symmetric=True, deterministic=det,
+                                         embed_scale=kw["embed_scale"])
+        want = R.embedding_backward(grad, ids.reshape(-1), vocab, padding_idx=0, symmetric=True,
+                                    embed_scale=kw["embed_scale"]).to(dtype)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2 if dtype ==
+                                   torch.bfloat16 else 1e-5, atol=1e-2 if dtype ==
+                                   torch.bfloat16 else 1e-4)
 
 
 @gpu

@@ -73,11 +73,15 @@ inline void philox_words(uint64_t base, int64_t G, uint64_t seed, uint32_t* word
   }
 }
 
-template <typename scalar_t, typename index_t>
+// HAS_SCALE: embed_scale != 1 (Gemma): e = dtype(e * embed_scale) before the noise. The
+// unscaled instantiation is the plain kernel (embed_scale unused).
+template <typename scalar_t, typename index_t, bool HAS_SCALE>
 void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64_t w_stride,
                     scalar_t* out, int64_t d, int64_t kind, float mag, const float* tok_mag,
-                    uint64_t seed, uint64_t offset, bool symmetric) {
+                    uint64_t seed, uint64_t offset, bool symmetric, double embed_scale) {
   using acc_t = typename AddType<scalar_t>::type;  // float, or double for double weights
+  // the reference multiplies in the add type: float32(embed_scale), float64 for float64
+  const acc_t es = static_cast<acc_t>(embed_scale);
   const int64_t per = elements_per_counter(kind);
   const int64_t G = (d + per - 1) / per;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
@@ -105,13 +109,23 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
       for (int64_t j = 0; j < d; ++j) xp[j] = xp[j] * m;  // n, rounded once
       const scalar_t* e = weight + static_cast<int64_t>(ids[r]) * w_stride;
       scalar_t* o = out + r * d;
-      for (int64_t j = 0; j < d; ++j) {
-        o[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) + static_cast<acc_t>(xp[j]));
-      }
-      if (symmetric) {
-        scalar_t* o2 = out + (n + r) * d;
+      if constexpr (HAS_SCALE) {
+        scalar_t* o2 = symmetric ? out + (n + r) * d : nullptr;
         for (int64_t j = 0; j < d; ++j) {
-          o2[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) - static_cast<acc_t>(xp[j]));
+          const acc_t x = scale_embedding<scalar_t, acc_t>(static_cast<acc_t>(e[j]), es);
+          o[j] = static_cast<scalar_t>(x + static_cast<acc_t>(xp[j]));
+          if (o2 != nullptr) o2[j] = static_cast<scalar_t>(x - static_cast<acc_t>(xp[j]));
+        }
+      } else {
+        (void)es;
+        for (int64_t j = 0; j < d; ++j) {
+          o[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) + static_cast<acc_t>(xp[j]));
+        }
+        if (symmetric) {
+          scalar_t* o2 = out + (n + r) * d;
+          for (int64_t j = 0; j < d; ++j) {
+            o2[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) - static_cast<acc_t>(xp[j]));
+          }
         }
       }
     }
@@ -120,8 +134,9 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
 
 void embedding_forward_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& out,
                            int64_t noise, double mag, const std::optional<at::Tensor>& tok_mag,
-                           int64_t seed, int64_t offset, bool symmetric) {
+                           int64_t seed, int64_t offset, bool symmetric, double embed_scale) {
   check_forward_args(ids, weight, out, noise, tok_mag, symmetric);
+  const bool has_scale = embed_scale != 1.0;
   TORCH_CHECK(weight.device().is_cpu(), "fastnoise: CPU kernel got a non-CPU weight");
   const int64_t n = ids.numel();
   const int64_t V = weight.size(0);
@@ -133,21 +148,31 @@ void embedding_forward_cpu(const at::Tensor& ids, const at::Tensor& weight, cons
     check_ids_in_range(ip, n, V);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, weight.scalar_type(), "fastnoise_embedding_forward_cpu", [&] {
-          forward_kernel<scalar_t, index_t>(ip, n, weight.const_data_ptr<scalar_t>(),
-                                            weight.stride(0), out.data_ptr<scalar_t>(), d,
-                                            noise, static_cast<float>(mag), tm, as_u64(seed),
-                                            as_u64(offset), symmetric);
+          const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+          scalar_t* op = out.data_ptr<scalar_t>();
+          const float m = static_cast<float>(mag);
+          if (has_scale) {
+            forward_kernel<scalar_t, index_t, true>(ip, n, wp, weight.stride(0), op, d, noise,
+                                                    m, tm, as_u64(seed), as_u64(offset),
+                                                    symmetric, embed_scale);
+          } else {
+            forward_kernel<scalar_t, index_t, false>(ip, n, wp, weight.stride(0), op, d, noise,
+                                                     m, tm, as_u64(seed), as_u64(offset),
+                                                     symmetric, 1.0);
+          }
         });
   });
 }
 
 // Deterministic backward: a stable counting sort of the token positions by id, then each
 // vocabulary row sums its tokens' gradients in token order (fp32), in parallel over rows.
-// The summation order is that of the reference's index_add_ on CPU.
-template <typename scalar_t>
+// The summation order is that of the reference's index_add_ on CPU. HAS_SCALE: each fp32
+// token row (the pair's two halves summed first) is multiplied by float32(embed_scale)
+// before it is accumulated, as in the reference.
+template <typename scalar_t, bool HAS_SCALE>
 void backward_kernel(const scalar_t* g, int64_t n, int64_t d, bool symmetric,
                      const std::vector<int64_t>& start, const std::vector<int64_t>& order,
-                     int64_t num_weights, int64_t padding, scalar_t* grad) {
+                     int64_t num_weights, int64_t padding, float es, scalar_t* grad) {
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1));
   at::parallel_for(0, num_weights, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(static_cast<size_t>(d));
@@ -158,13 +183,25 @@ void backward_kernel(const scalar_t* g, int64_t n, int64_t d, bool symmetric,
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t k = s; k < e; ++k) {
         const scalar_t* row = g + order[k] * d;
-        if (symmetric) {
-          const scalar_t* row2 = g + (order[k] + n) * d;
-          for (int64_t j = 0; j < d; ++j) {
-            a[j] += static_cast<float>(row[j]) + static_cast<float>(row2[j]);
+        if constexpr (HAS_SCALE) {
+          if (symmetric) {
+            const scalar_t* row2 = g + (order[k] + n) * d;
+            for (int64_t j = 0; j < d; ++j) {
+              a[j] += (static_cast<float>(row[j]) + static_cast<float>(row2[j])) * es;
+            }
+          } else {
+            for (int64_t j = 0; j < d; ++j) a[j] += static_cast<float>(row[j]) * es;
           }
         } else {
-          for (int64_t j = 0; j < d; ++j) a[j] += static_cast<float>(row[j]);
+          (void)es;
+          if (symmetric) {
+            const scalar_t* row2 = g + (order[k] + n) * d;
+            for (int64_t j = 0; j < d; ++j) {
+              a[j] += static_cast<float>(row[j]) + static_cast<float>(row2[j]);
+            }
+          } else {
+            for (int64_t j = 0; j < d; ++j) a[j] += static_cast<float>(row[j]);
+          }
         }
       }
       scalar_t* out = grad + v * d;
@@ -175,7 +212,7 @@ void backward_kernel(const scalar_t* g, int64_t n, int64_t d, bool symmetric,
 
 at::Tensor embedding_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids,
                                   int64_t num_weights, std::optional<int64_t> padding_idx,
-                                  bool symmetric, bool deterministic) {
+                                  bool symmetric, bool deterministic, double embed_scale) {
   (void)deterministic;  // the CPU kernel is always deterministic
   check_backward_args(grad_out, ids, num_weights, symmetric);
   TORCH_CHECK(grad_out.device().is_cpu(), "fastnoise: CPU kernel got a non-CPU grad_out");
@@ -198,8 +235,15 @@ at::Tensor embedding_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
   const int64_t padding = normalize_padding_idx(padding_idx, num_weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, g.scalar_type(), "fastnoise_embedding_backward_cpu", [&] {
-        backward_kernel<scalar_t>(g.const_data_ptr<scalar_t>(), n, d, symmetric, start, order,
-                                  num_weights, padding, grad.data_ptr<scalar_t>());
+        const scalar_t* gp = g.const_data_ptr<scalar_t>();
+        scalar_t* out = grad.data_ptr<scalar_t>();
+        if (embed_scale != 1.0) {
+          backward_kernel<scalar_t, true>(gp, n, d, symmetric, start, order, num_weights,
+                                          padding, static_cast<float>(embed_scale), out);
+        } else {
+          backward_kernel<scalar_t, false>(gp, n, d, symmetric, start, order, num_weights,
+                                           padding, 1.0f, out);
+        }
       });
   return grad;
 }

@@ -8,11 +8,15 @@
 // counter i of the chunk into shared memory (512 bytes per warp), then the warp streams the
 // chunk with 16-byte packs, each lane reading its word (broadcast) and shifting bits.
 // Ids out of range are never read: their output rows are NaN (the frontend validates ids).
+// SCALE (embed_scale != 1, Gemma): e = T(e * embed_scale) before the noise; the unscaled
+// instantiations are the plain kernels.
 //
 // Backward: deterministic -> stable sort of the ids (at::sort), one warp per run of equal
 // ids summing its tokens' rows in token order in fp32 (the CPU kernel's order, so the
 // result is bit-identical to it), written once in the output dtype.
 // Non-deterministic -> fp32 atomicAdd into an fp32 (V, d) buffer (no sort).
+// SCALE: each fp32 token row (pair halves summed first) times float32(embed_scale) before it
+// is accumulated (the reference's order).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -37,12 +41,12 @@ constexpr int kWarps = kThreads / 32;
 // ---------------------------------------------------------------------------------------
 // Forward: uniform / gaussian
 // ---------------------------------------------------------------------------------------
-template <typename T, typename I, int KIND, int CPT, bool VEC>
+template <typename T, typename I, int KIND, int CPT, bool VEC, bool SCALE>
 __global__ void __launch_bounds__(kThreads)
 forward_ug_kernel(const I* __restrict__ ids, int64_t n, const T* __restrict__ weight,
                   int64_t w_stride, int64_t V, T* __restrict__ out, int64_t d, int64_t G,
                   float mag, const float* __restrict__ tok_mag, uint64_t seed,
-                  uint64_t offset, bool symmetric) {
+                  uint64_t offset, bool symmetric, typename AddType<T>::type es) {
   constexpr int E = 4 * CPT;  // elements per thread-unit
   using P = Pack<T, E>;
   const int64_t units = (G + CPT - 1) / CPT;
@@ -71,7 +75,8 @@ forward_ug_kernel(const I* __restrict__ ids, int64_t n, const T* __restrict__ we
         P a, b;
 #pragma unroll
         for (int k = 0; k < E; ++k) {
-          const A x = valid ? static_cast<A>(ev.v[k]) : static_cast<A>(nan);
+          A x = valid ? static_cast<A>(ev.v[k]) : static_cast<A>(nan);
+          if (SCALE) x = scale_embedding<T, A>(x, es);
           const A nz = static_cast<A>(mul_rn(xi[k], m));
           a.v[k] = static_cast<T>(add_rn(x, nz));
           b.v[k] = static_cast<T>(sub_rn(x, nz));
@@ -83,7 +88,8 @@ forward_ug_kernel(const I* __restrict__ ids, int64_t n, const T* __restrict__ we
         for (int k = 0; k < E; ++k) {
           const int64_t j = j0 + k;
           if (j < d) {
-            const A x = valid ? static_cast<A>(e[j]) : static_cast<A>(nan);
+            A x = valid ? static_cast<A>(e[j]) : static_cast<A>(nan);
+            if (SCALE) x = scale_embedding<T, A>(x, es);
             const A nz = static_cast<A>(mul_rn(xi[k], m));
             o[j] = static_cast<T>(add_rn(x, nz));
             if (symmetric) o2[j] = static_cast<T>(sub_rn(x, nz));
@@ -97,13 +103,13 @@ forward_ug_kernel(const I* __restrict__ ids, int64_t n, const T* __restrict__ we
 // ---------------------------------------------------------------------------------------
 // Forward: bernoulli (+-1), one Philox call per 128 elements
 // ---------------------------------------------------------------------------------------
-template <typename T, typename I, bool VEC>
+template <typename T, typename I, bool VEC, bool SCALE>
 __global__ void __launch_bounds__(kThreads)
 forward_bernoulli_kernel(const I* __restrict__ ids, int64_t n, const T* __restrict__ weight,
                          int64_t w_stride, int64_t V, T* __restrict__ out, int64_t d,
                          int64_t G, int64_t chunks_per_row, float mag,
                          const float* __restrict__ tok_mag, uint64_t seed, uint64_t offset,
-                         bool symmetric) {
+                         bool symmetric, typename AddType<T>::type es) {
   constexpr int E = 16 / sizeof(T) >= 2 ? 16 / sizeof(T) : 2;  // divides 32
   using P = Pack<T, E>;
   __shared__ __align__(16) uint32_t smem[kWarps][32 * 4];
@@ -145,7 +151,8 @@ forward_bernoulli_kernel(const I* __restrict__ ids, int64_t n, const T* __restri
         P a, b;
 #pragma unroll
         for (int k = 0; k < E; ++k) {
-          const A x = valid ? static_cast<A>(ev.v[k]) : static_cast<A>(nan);
+          A x = valid ? static_cast<A>(ev.v[k]) : static_cast<A>(nan);
+          if (SCALE) x = scale_embedding<T, A>(x, es);
           const A nz = static_cast<A>(((bits >> k) & 1u) ? -m : m);
           a.v[k] = static_cast<T>(add_rn(x, nz));
           b.v[k] = static_cast<T>(sub_rn(x, nz));
@@ -156,7 +163,8 @@ forward_bernoulli_kernel(const I* __restrict__ ids, int64_t n, const T* __restri
     } else {
       for (int64_t j = jb + lane; j < je; j += 32) {
         const int local = static_cast<int>(j - jb);
-        const A x = valid ? static_cast<A>(e[j]) : static_cast<A>(nan);
+        A x = valid ? static_cast<A>(e[j]) : static_cast<A>(nan);
+        if (SCALE) x = scale_embedding<T, A>(x, es);
         const A nz = static_cast<A>(((sw[local >> 5] >> (local & 31)) & 1u) ? -m : m);
         o[j] = static_cast<T>(add_rn(x, nz));
         if (symmetric) o2[j] = static_cast<T>(sub_rn(x, nz));
@@ -172,10 +180,13 @@ inline int64_t next_pow2(int64_t v) {
   return p;
 }
 
-template <typename T, typename I>
+template <typename T, typename I, bool SCALE>
 void launch_forward(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& out,
                     int64_t kind, float mag, const float* tok_mag, uint64_t seed,
-                    uint64_t offset, bool symmetric, cudaStream_t stream, int sms) {
+                    uint64_t offset, bool symmetric, double embed_scale, cudaStream_t stream,
+                    int sms) {
+  // float32(embed_scale), float64 for float64 weights (the reference's multiply)
+  const auto es = static_cast<typename AddType<T>::type>(embed_scale);
   const int64_t n = ids.numel();
   const int64_t V = weight.size(0);
   const int64_t d = weight.size(1);
@@ -192,11 +203,11 @@ void launch_forward(const at::Tensor& ids, const at::Tensor& weight, const at::T
                      aligned(op, sizeof(T) * E);
     const int64_t blocks = std::min<int64_t>((n * chunks + kWarps - 1) / kWarps, max_blocks);
     if (vec) {
-      forward_bernoulli_kernel<T, I, true><<<blocks, kThreads, 0, stream>>>(
-          ip, n, wp, w_stride, V, op, d, G, chunks, mag, tok_mag, seed, offset, symmetric);
+      forward_bernoulli_kernel<T, I, true, SCALE><<<blocks, kThreads, 0, stream>>>(
+          ip, n, wp, w_stride, V, op, d, G, chunks, mag, tok_mag, seed, offset, symmetric, es);
     } else {
-      forward_bernoulli_kernel<T, I, false><<<blocks, kThreads, 0, stream>>>(
-          ip, n, wp, w_stride, V, op, d, G, chunks, mag, tok_mag, seed, offset, symmetric);
+      forward_bernoulli_kernel<T, I, false, SCALE><<<blocks, kThreads, 0, stream>>>(
+          ip, n, wp, w_stride, V, op, d, G, chunks, mag, tok_mag, seed, offset, symmetric, es);
     }
     FASTNOISE_KERNEL_LAUNCH_CHECK();
     return;
@@ -212,8 +223,8 @@ void launch_forward(const at::Tensor& ids, const at::Tensor& weight, const at::T
   const bool vec = d % E == 0 && w_stride % E == 0 && aligned(wp, sizeof(T) * E) &&
                    aligned(op, sizeof(T) * E);
 #define FASTNOISE_LAUNCH_UG(KIND, VEC_)                                                   \
-  forward_ug_kernel<T, I, KIND, CPT, VEC_><<<blocks, block, 0, stream>>>(                 \
-      ip, n, wp, w_stride, V, op, d, G, mag, tok_mag, seed, offset, symmetric)
+  forward_ug_kernel<T, I, KIND, CPT, VEC_, SCALE><<<blocks, block, 0, stream>>>(          \
+      ip, n, wp, w_stride, V, op, d, G, mag, tok_mag, seed, offset, symmetric, es)
   if (kind == kUniform) {
     if (vec) FASTNOISE_LAUNCH_UG(kUniform, true); else FASTNOISE_LAUNCH_UG(kUniform, false);
   } else {
@@ -226,7 +237,7 @@ void launch_forward(const at::Tensor& ids, const at::Tensor& weight, const at::T
 void embedding_forward_cuda(const at::Tensor& ids, const at::Tensor& weight,
                             const at::Tensor& out, int64_t noise, double mag,
                             const std::optional<at::Tensor>& tok_mag, int64_t seed,
-                            int64_t offset, bool symmetric) {
+                            int64_t offset, bool symmetric, double embed_scale) {
   check_forward_args(ids, weight, out, noise, tok_mag, symmetric);
   TORCH_CHECK(weight.is_cuda(), "fastnoise: CUDA kernel got a weight on ", weight.device());
   const int64_t n = ids.numel();
@@ -240,9 +251,17 @@ void embedding_forward_cuda(const at::Tensor& ids, const at::Tensor& weight,
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, weight.scalar_type(), "fastnoise_embedding_forward_cuda",
         [&] {
-          launch_forward<scalar_t, index_t>(ids, weight, out, noise, static_cast<float>(mag),
-                                            tm, as_u64(seed), as_u64(offset), symmetric,
-                                            stream, sms);
+          if (embed_scale != 1.0) {
+            launch_forward<scalar_t, index_t, true>(ids, weight, out, noise,
+                                                    static_cast<float>(mag), tm, as_u64(seed),
+                                                    as_u64(offset), symmetric, embed_scale,
+                                                    stream, sms);
+          } else {
+            launch_forward<scalar_t, index_t, false>(ids, weight, out, noise,
+                                                     static_cast<float>(mag), tm, as_u64(seed),
+                                                     as_u64(offset), symmetric, 1.0, stream,
+                                                     sms);
+          }
         });
   });
 }
@@ -252,11 +271,11 @@ void embedding_forward_cuda(const at::Tensor& ids, const at::Tensor& weight,
 // ---------------------------------------------------------------------------------------
 // One warp per position p of the sorted ids; the warp that starts a run of equal ids sums
 // the run's rows (token order) over 128-column tiles, 4 fp32 accumulators per lane.
-template <typename T>
+template <typename T, bool SCALE>
 __global__ void __launch_bounds__(kThreads)
 backward_sorted_kernel(const T* __restrict__ g, const int64_t* __restrict__ sorted,
                        const int64_t* __restrict__ perm, int64_t n, int64_t d, int64_t V,
-                       int64_t padding, bool symmetric, T* __restrict__ grad) {
+                       int64_t padding, bool symmetric, float es, T* __restrict__ grad) {
   const int lane = threadIdx.x & 31;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (p >= n) return;
@@ -277,6 +296,7 @@ backward_sorted_kernel(const T* __restrict__ g, const int64_t* __restrict__ sort
         if (j < d) {
           float v = static_cast<float>(row[j]);
           if (symmetric) v = add_rn(v, static_cast<float>(row2[j]));
+          if (SCALE) v = mul_rn(v, es);
           acc[k] = add_rn(acc[k], v);
         }
       }
@@ -289,10 +309,10 @@ backward_sorted_kernel(const T* __restrict__ g, const int64_t* __restrict__ sort
   }
 }
 
-template <typename T, typename I>
+template <typename T, typename I, bool SCALE>
 __global__ void __launch_bounds__(kThreads)
 backward_atomic_kernel(const T* __restrict__ g, const I* __restrict__ ids, int64_t n,
-                       int64_t d, int64_t V, int64_t padding, bool symmetric,
+                       int64_t d, int64_t V, int64_t padding, bool symmetric, float es,
                        float* __restrict__ grad) {
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < n;
        r += static_cast<int64_t>(gridDim.x) * blockDim.y) {
@@ -304,6 +324,7 @@ backward_atomic_kernel(const T* __restrict__ g, const I* __restrict__ ids, int64
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
       float v = static_cast<float>(row[j]);
       if (symmetric) v = add_rn(v, static_cast<float>(row2[j]));
+      if (SCALE) v = mul_rn(v, es);
       atomicAdd(dst + j, v);
     }
   }
@@ -311,8 +332,10 @@ backward_atomic_kernel(const T* __restrict__ g, const I* __restrict__ ids, int64
 
 at::Tensor embedding_backward_cuda(const at::Tensor& grad_out, const at::Tensor& ids,
                                    int64_t num_weights, std::optional<int64_t> padding_idx,
-                                   bool symmetric, bool deterministic) {
+                                   bool symmetric, bool deterministic, double embed_scale) {
   check_backward_args(grad_out, ids, num_weights, symmetric);
+  const bool scale = embed_scale != 1.0;
+  const float es = static_cast<float>(embed_scale);
   TORCH_CHECK(grad_out.is_cuda(), "fastnoise: CUDA kernel got grad_out on ",
               grad_out.device());
   c10::DeviceGuard guard(grad_out.device());
@@ -334,9 +357,11 @@ at::Tensor embedding_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
     const int64_t blocks = (n + kWarps - 1) / kWarps;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, g.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
-          backward_sorted_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          auto kernel = scale ? backward_sorted_kernel<scalar_t, true>
+                              : backward_sorted_kernel<scalar_t, false>;
+          kernel<<<blocks, kThreads, 0, stream>>>(
               g.const_data_ptr<scalar_t>(), sorted.const_data_ptr<int64_t>(),
-              perm.const_data_ptr<int64_t>(), n, d, num_weights, padding, symmetric,
+              perm.const_data_ptr<int64_t>(), n, d, num_weights, padding, symmetric, es,
               grad.data_ptr<scalar_t>());
           FASTNOISE_KERNEL_LAUNCH_CHECK();
         });
@@ -351,9 +376,11 @@ at::Tensor embedding_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
   AT_DISPATCH_INDEX_TYPES(idc.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, g.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
-          backward_atomic_kernel<scalar_t, index_t><<<blocks, block, 0, stream>>>(
+          auto kernel = scale ? backward_atomic_kernel<scalar_t, index_t, true>
+                              : backward_atomic_kernel<scalar_t, index_t, false>;
+          kernel<<<blocks, block, 0, stream>>>(
               g.const_data_ptr<scalar_t>(), idc.const_data_ptr<index_t>(), n, d,
-              num_weights, padding, symmetric, grad32.data_ptr<float>());
+              num_weights, padding, symmetric, es, grad32.data_ptr<float>());
           FASTNOISE_KERNEL_LAUNCH_CHECK();
         });
   });

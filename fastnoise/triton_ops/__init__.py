@@ -51,14 +51,16 @@ class TritonBackend:
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
-                          symmetric):
+                          symmetric, embed_scale=1.0):
         _emb.noisy_embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
-                                     seed=seed, offset=offset, symmetric=symmetric)
+                                     seed=seed, offset=offset, symmetric=symmetric,
+                                     embed_scale=embed_scale)
 
     def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
-                           deterministic):
+                           deterministic, embed_scale=1.0):
         return _emb.embedding_backward(grad_out, ids, num_weights, padding_idx=padding_idx,
-                                       symmetric=symmetric, deterministic=deterministic)
+                                       symmetric=symmetric, deterministic=deterministic,
+                                       embed_scale=embed_scale)
 
     def noisytune_(self, tensors, lam, *, seed, starts):
         _nt.noisytune_(tensors, lam, seed=seed, starts=starts)

@@ -9,6 +9,10 @@ Why 2-D tiles and ``philox`` on counters, not ``tl.rand`` on elements: one Philo
 bandwidth on an H100). One call per 4 elements (uniform/gaussian) or per 128 elements
 (bernoulli, one bit each) keeps it memory bound, so the noise is nearly free next to the
 gather. The 4 words (or 128 bits) are interleaved back into columns with join/reshape.
+
+``embed_scale`` != 1 (Gemma's scaled embedding) is the constexpr HAS_SCALE: the forward
+rounds ``e = dtype(e * embed_scale)`` before the noise, the backward multiplies each fp32
+grad row by it before accumulating; with HAS_SCALE off the kernels are the unscaled code.
 """
 
 import functools
@@ -157,10 +161,10 @@ def _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi,
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi"])
 def _noisy_embedding_fwd_kernel(
     ids_ptr, w_ptr, out_ptr, tok_mag_ptr,
-    N, V, d, w_row_stride, mag,
+    N, V, d, w_row_stride, mag, embed_scale,
     seed_lo, seed_hi, off_lo, off_hi,
     NOISE: tl.constexpr, HAS_TOK_MAG: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -174,6 +178,9 @@ def _noisy_embedding_fwd_kernel(
     ids = tl.minimum(tl.maximum(ids, 0), V - 1)
     e = tl.load(w_ptr + ids[:, None] * w_row_stride + cols[None, :], mask=mask, other=0.0)
     e = e.to(tl.float32)
+    if HAS_SCALE:
+        # Gemma: the row times embed_scale (fp32), rounded once to the weight dtype
+        e = (e * embed_scale).to(w_ptr.dtype.element_ty).to(tl.float32)
 
     xi = _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi, NOISE, BLOCK_T, BLOCK_D)
     if HAS_TOK_MAG:
@@ -192,8 +199,9 @@ def _noisy_embedding_fwd_kernel(
 
 @triton.jit
 def _embedding_bwd_atomic_kernel(
-    grad_ptr, ids_ptr, out_ptr, N, V, d, padding_idx,
-    SYMMETRIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_ptr, ids_ptr, out_ptr, N, V, d, padding_idx, embed_scale,
+    SYMMETRIC: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """float32 grad only: atomics straight into the (V, d) result (no temporary)."""
     pid_t = tl.program_id(0)
@@ -210,6 +218,8 @@ def _embedding_bwd_atomic_kernel(
     if SYMMETRIC:
         g += tl.load(grad_ptr + (rows[:, None] + N) * d + cols[None, :], mask=m2,
                      other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g * embed_scale
     tl.atomic_add(out_ptr + ids[:, None] * d + cols[None, :], g, mask=keep[:, None] & col_mask,
                   sem="relaxed")
 
@@ -217,7 +227,9 @@ def _embedding_bwd_atomic_kernel(
 @triton.jit
 def _embedding_bwd_sorted_kernel(
     grad_ptr, sorted_ids_ptr, perm_ptr, run_end_ptr, out_ptr, N, V, d, padding_idx,
-    SYMMETRIC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    embed_scale,
+    SYMMETRIC: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Segmented sum over runs of equal sorted ids: the program at the first position of a
     run adds the run's grad rows in a fixed order (stable sort, fixed tree) in fp32 and
@@ -244,6 +256,8 @@ def _embedding_bwd_sorted_kernel(
             if SYMMETRIC:
                 g += tl.load(grad_ptr + (r[:, None] + N) * d + cols[None, :], mask=m2,
                              other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                g = g * embed_scale  # each row scaled before the sum, as the reference
             acc += tl.sum(g, axis=0)  # fixed tree per step: still deterministic
         tl.store(out_ptr + idx * d + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
@@ -279,7 +293,8 @@ def _fwd_config(n: int, d: int, noise: int):
     return block_t, block_d, num_warps, grid
 
 
-def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric):
+def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric,
+                            embed_scale=1.0):
     """Write the noisy embedding of flat ids (N,) into out (N, d) or (2N, d) when symmetric."""
     n = ids.shape[0]
     v, d = weight.shape
@@ -290,15 +305,16 @@ def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offs
     has_tok = tok_mag is not None
     _noisy_embedding_fwd_kernel[grid](
         ids, weight, out, tok_mag if has_tok else ids,
-        n, v, d, weight.stride(0), float(mag),
+        n, v, d, weight.stride(0), float(mag), float(embed_scale),
         seed_lo, seed_hi, off_lo, off_hi,
         NOISE=code, HAS_TOK_MAG=has_tok, SYMMETRIC=bool(symmetric),
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=False,
+        HAS_SCALE=float(embed_scale) != 1.0, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=False,
     )
     return out
 
 
-def embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, deterministic):
+def embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, deterministic,
+                       embed_scale=1.0):
     """Dense (num_weights, d) weight gradient, grad_out's dtype, accumulated in float32."""
     n = ids.shape[0]
     d = grad_out.shape[-1]
@@ -312,8 +328,8 @@ def embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, de
         block_t = max(1, min(4096 // block_d, triton.next_power_of_2(n)))
         grid = (triton.cdiv(n, block_t), triton.cdiv(d, block_d))
         _embedding_bwd_atomic_kernel[grid](
-            grad_out, ids, out, n, num_weights, d, pad,
-            SYMMETRIC=bool(symmetric), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+            grad_out, ids, out, n, num_weights, d, pad, float(embed_scale),
+            SYMMETRIC=bool(symmetric), HAS_SCALE=float(embed_scale) != 1.0, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
             enable_fp_fusion=False,
         )
         return out
@@ -322,8 +338,8 @@ def embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, de
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
     grid = (n, triton.cdiv(d, block_d))
     _embedding_bwd_sorted_kernel[grid](
-        grad_out, sorted_ids, perm, run_end, out, n, num_weights, d, pad,
-        SYMMETRIC=bool(symmetric), BLOCK_R=8, BLOCK_D=block_d, num_warps=4,
+        grad_out, sorted_ids, perm, run_end, out, n, num_weights, d, pad, float(embed_scale),
+        SYMMETRIC=bool(symmetric), HAS_SCALE=float(embed_scale) != 1.0, BLOCK_R=8, BLOCK_D=block_d, num_warps=4,
         enable_fp_fusion=False,
     )
     return out
