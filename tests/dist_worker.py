@@ -72,14 +72,23 @@ def check_ddp_training():
 def main():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['PORT']}",
                             rank=int(sys.argv[1]), world_size=2)
-    try:
-        check_rank_distinct_noise()
-        check_noisytune_sharded_equals_unsharded()
-        check_ddp_training()
-    finally:
-        dist.destroy_process_group()
-    print(f"rank {sys.argv[1]}: ok")
+    check_rank_distinct_noise()
+    check_noisytune_sharded_equals_unsharded()
+    check_ddp_training()
+    dist.barrier()  # both ranks done before either tears gloo down
+    dist.destroy_process_group()
+    print(f"rank {sys.argv[1]}: ok", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    # skip interpreter teardown: gloo's C++ statics can abort at exit once the peer is gone
+    sys.stdout.flush()
+    os._exit(0)
