@@ -69,7 +69,7 @@ setup(
     install_requires=["torch>=2.11"],
     extras_require={
         # triton: its kernels are tested on the CPU through the Triton interpreter
-        "test": ["pytest", "pytest-benchmark", "transformers", "peft", "accelerate",
+        "test": ["pytest", "pytest-benchmark", "transformers", "peft", "accelerate", "trl",
                  "matplotlib", "numpy", "triton>=3.6"],
         "triton": ["triton>=3.6"],
     },

@@ -98,3 +98,29 @@ def test_finetune_tiny_example_runs():
     assert set(results) == {"none", "neftune", "symnoise", "noisytune+neftune"}
     for final, held_out, speed in results.values():
         assert math.isfinite(final) and math.isfinite(held_out) and speed > 0
+
+
+def test_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    torch.manual_seed(0)
+    model = _model()
+    original = model.get_input_embeddings()
+    ids = _Tokens().ids
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    probe = _Probe()
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                         report_to=[], use_cpu=True, save_strategy="no", packing=False)
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"t{i}": i for i in range(64)}  # a word-level tokenizer built here: no download
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0",
+                                                     eos_token="t1")
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
+                             processing_class=tokenizer,
+                             callbacks=[FastNoiseCallback("neftune", alpha=5.0), probe])
+    result = trainer.train()
+    assert probe.patched == [True, True]
+    assert model.get_input_embeddings() is original
+    assert math.isfinite(result.training_loss)
