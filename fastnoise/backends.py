@@ -134,9 +134,25 @@ def available_backends(device="cpu", dtype: Optional[torch.dtype] = None) -> Lis
     return [n for n in names if _REGISTRY[n].unavailable_reason(device, dtype) is None]
 
 
+_RESOLVED: Dict[tuple, object] = {}
+
+
 def resolve_backend(name: str, device, dtype: Optional[torch.dtype] = None):
-    """The backend object for ``name`` ("auto" included) on ``device``; raises if unavailable."""
-    device = torch.device(device)
+    """The backend object for ``name`` ("auto" included) on ``device``; raises if unavailable.
+
+    Successful answers are cached (this runs on every call); a backend replaced in the
+    registry (tests plant doubles) is looked up again.
+    """
+    key = (name, str(device), dtype, os.environ.get("TRITON_INTERPRET"))
+    hit = _RESOLVED.get(key)
+    if hit is not None and _REGISTRY.get(hit.name) is hit:
+        return hit
+    chosen = _resolve(name, torch.device(device), dtype)
+    _RESOLVED[key] = chosen
+    return chosen
+
+
+def _resolve(name: str, device: torch.device, dtype: Optional[torch.dtype]):
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
             if _REGISTRY[candidate].unavailable_reason(device, dtype) is None:

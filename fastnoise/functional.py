@@ -243,7 +243,7 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     ids = input.reshape(-1).contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    out = ops.noisy_embedding(weight, ids, tok_mag, noise, mag,
+    out = ops.call_noisy_embedding(weight, ids, tok_mag, noise, mag,
                               ops.as_int64(seed or 0), 0, seed is None, symmetric,
                               -1 if padding_idx is None else padding_idx, backend,
                               reference.round_to_dtype(embed_scale, weight.dtype))

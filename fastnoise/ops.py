@@ -43,15 +43,9 @@ def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
         raise IndexError(f"token id {bad} is out of range [0, {num_embeddings})")
 
 
-@torch.library.custom_op("fastnoise::noisy_embedding", mutates_args=())
-def noisy_embedding(weight: torch.Tensor, ids: torch.Tensor, tok_mag: Optional[torch.Tensor],
-                    noise: str, mag: float, seed: int, offset: int, draw_seed: bool,
-                    symmetric: bool, padding_idx: int, backend: str,
-                    embed_scale: float = 1.0) -> torch.Tensor:
-    """Fused noisy embedding of the flat ``ids``; ``padding_idx`` < 0 means none (it only
-    matters for the gradient). With ``draw_seed`` the seed/offset arguments are ignored and
-    drawn from the device's default generator (rank-distinct under torch.distributed).
-    ``embed_scale`` (already rounded to the weight's dtype) scales the rows first (Gemma)."""
+def _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric, backend,
+             embed_scale):
+    """The forward: shared by the custom op (compiled graphs) and the eager autograd path."""
     from .functional import draw_seed as draw
 
     if weight.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -74,6 +68,27 @@ def noisy_embedding(weight: torch.Tensor, ids: torch.Tensor, tok_mag: Optional[t
     return out
 
 
+def _backward(grad_out, ids, num_weights, padding_idx, symmetric, backend, embed_scale):
+    chosen = resolve_backend(backend, grad_out.device, grad_out.dtype)
+    return chosen.embedding_backward(
+        grad_out.contiguous(), ids, num_weights,
+        padding_idx=None if padding_idx < 0 else padding_idx, symmetric=symmetric,
+        deterministic=torch.are_deterministic_algorithms_enabled(), embed_scale=embed_scale)
+
+
+@torch.library.custom_op("fastnoise::noisy_embedding", mutates_args=())
+def noisy_embedding(weight: torch.Tensor, ids: torch.Tensor, tok_mag: Optional[torch.Tensor],
+                    noise: str, mag: float, seed: int, offset: int, draw_seed: bool,
+                    symmetric: bool, padding_idx: int, backend: str,
+                    embed_scale: float = 1.0) -> torch.Tensor:
+    """Fused noisy embedding of the flat ``ids``; ``padding_idx`` < 0 means none (it only
+    matters for the gradient). With ``draw_seed`` the seed/offset arguments are ignored and
+    drawn from the device's default generator (rank-distinct under torch.distributed).
+    ``embed_scale`` (already rounded to the weight's dtype) scales the rows first (Gemma)."""
+    return _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric,
+                    backend, embed_scale)
+
+
 @noisy_embedding.register_fake
 def _(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric, padding_idx,
       backend, embed_scale=1.0):
@@ -86,11 +101,7 @@ def noisy_embedding_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_weig
                              embed_scale: float = 1.0) -> torch.Tensor:
     """Gradient of the weight: that of the (scaled) plain embedding, the halves of a pair
     summed."""
-    chosen = resolve_backend(backend, grad_out.device, grad_out.dtype)
-    return chosen.embedding_backward(
-        grad_out.contiguous(), ids, num_weights,
-        padding_idx=None if padding_idx < 0 else padding_idx, symmetric=symmetric,
-        deterministic=torch.are_deterministic_algorithms_enabled(), embed_scale=embed_scale)
+    return _backward(grad_out, ids, num_weights, padding_idx, symmetric, backend, embed_scale)
 
 
 @noisy_embedding_backward.register_fake
@@ -106,7 +117,7 @@ def _setup_context(ctx, inputs, output):
     ctx.embed_scale = inputs[11] if len(inputs) > 11 else 1.0
 
 
-def _backward(ctx, grad_out):
+def _op_backward(ctx, grad_out):
     grad_weight = None
     if ctx.needs_input_grad[0]:
         (ids,) = ctx.saved_tensors
@@ -115,7 +126,43 @@ def _backward(ctx, grad_out):
     return (grad_weight,) + (None,) * 11
 
 
-noisy_embedding.register_autograd(_backward, setup_context=_setup_context)
+noisy_embedding.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _EagerNoisyEmbedding(torch.autograd.Function):
+    """The same op without the custom-op dispatch (tens of microseconds per call): what
+    eager calls use; compiled graphs use the custom op. The non-tensor arguments travel as
+    one tuple: apply() pays per argument."""
+
+    @staticmethod
+    def forward(ctx, weight, ids, tok_mag, config):
+        noise, mag, seed, offset, draw_seed, symmetric, padding_idx, backend, scale = config
+        ctx.save_for_backward(ids)
+        ctx.num_weights = weight.shape[0]
+        ctx.config = (padding_idx, symmetric, backend, scale)
+        return _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric,
+                        backend, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        padding_idx, symmetric, backend, scale = ctx.config
+        return (_backward(grad_out, ids, ctx.num_weights, padding_idx, symmetric, backend,
+                          scale), None, None, None)
+
+
+def call_noisy_embedding(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric,
+                         padding_idx, backend, embed_scale):
+    """Run the op: the custom op while torch.compile traces; in eager mode the lean
+    autograd path, or no autograd at all when no gradient is wanted."""
+    if torch.compiler.is_compiling():
+        return noisy_embedding(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed,
+                               symmetric, padding_idx, backend, embed_scale)
+    if weight.requires_grad and torch.is_grad_enabled():
+        return _EagerNoisyEmbedding.apply(weight, ids, tok_mag, (
+            noise, mag, seed, offset, draw_seed, symmetric, padding_idx, backend, embed_scale))
+    return _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric,
+                    backend, embed_scale)
 
 
 @torch.library.custom_op("fastnoise::apply_noisytune_", mutates_args=("tensors",))
