@@ -33,6 +33,16 @@ def as_uint64(value: int) -> int:
     return int(value) % _U64
 
 
+#: the device seed tensor of the last noisy embedding captured into a CUDA graph (its value
+#: after a replay is the seed that replay used; tests and debugging read it)
+LAST_CAPTURED_SEED: List[Optional[torch.Tensor]] = [None]
+
+
+def _RANK_KEY() -> int:
+    from .functional import _rank_key
+    return _rank_key()
+
+
 def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
     if ids.numel() == 0:
         return
@@ -48,23 +58,31 @@ def _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetri
     """The forward: shared by the custom op (compiled graphs) and the eager autograd path."""
     from .functional import draw_seed as draw
 
-    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
-        # a seed drawn on the host would be frozen into the graph: every replay, same noise
-        raise RuntimeError("fastnoise.noisy_embedding does not support CUDA graph capture yet "
-                           "(torch.compile mode='reduce-overhead' or torch.cuda.graph): the noise "
-                           "would repeat on every replay; use the default compile mode")
-    check_id_range(ids, weight.shape[0])
     chosen = resolve_backend(backend, weight.device, weight.dtype)
-    if draw_seed:
-        seed, offset = draw(weight.device,
-                            reference.counters_used(noise, ids.numel(), weight.shape[1]),
-                            rank_distinct=True)
+    extra = {}
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Inside a CUDA graph: no host sync is possible (the id check is skipped; kernels
+        # write NaN rows for bad ids), and a host-drawn seed would be frozen into the graph.
+        # Draw the seed on the device instead: PyTorch's RNG advances on every replay.
+        if draw_seed:
+            seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=weight.device)
+            if _RANK_KEY():
+                seed_tensor = seed_tensor ^ (_RANK_KEY() * 0x9E3779B9)
+            extra["seed_tensor"] = seed_tensor
+            LAST_CAPTURED_SEED[0] = seed_tensor  # graph memory: holds each replay's seed
+            seed, offset = 0, 0
+    else:
+        check_id_range(ids, weight.shape[0])
+        if draw_seed:
+            seed, offset = draw(weight.device,
+                                reference.counters_used(noise, ids.numel(), weight.shape[1]),
+                                rank_distinct=True)
     out = torch.empty(ids.numel() * (2 if symmetric else 1), weight.shape[1],
                       dtype=weight.dtype, device=weight.device)
     if ids.numel():
         chosen.embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
                                  seed=as_uint64(seed), offset=as_uint64(offset),
-                                 symmetric=symmetric, embed_scale=embed_scale)
+                                 symmetric=symmetric, embed_scale=embed_scale, **extra)
     return out
 
 

@@ -88,3 +88,41 @@ def test_compile_fullgraph_symmetric_pair():
     assert pair.shape == (4, 7, 16)
     torch.testing.assert_close(pair[:2] + pair[2:], 2 * F.embedding(ids, model.emb.weight),
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_draw_new_noise_matching_the_reference():
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 256, device="cuda")
+    ids = torch.randint(0, 1000, (4, 64), device="cuda")
+    fastnoise.noisy_embedding(ids, weight)  # warm up (compile kernels) outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fastnoise.noisy_embedding(ids, weight)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fastnoise.noisy_embedding(ids, weight)
+    seen = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        seed = int(ops.LAST_CAPTURED_SEED[0].item()) % 2**64
+        expect = R.noisy_embedding(ids.reshape(-1).cpu(), weight.cpu(), noise="uniform",
+                                   mag=R.noise_scale(5.0, 64, 256), seed=seed)
+        assert torch.equal(out.reshape(-1, 256).cpu(), expect)
+        seen.append(out.clone())
+    assert not torch.equal(seen[0], seen[1])  # every replay new noise
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compile_reduce_overhead_changes_noise_per_call():
+    torch.manual_seed(0)
+    model = _Tiny().cuda().train()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(0, 50, (3, 8), device="cuda")
+    outs = [compiled(ids).clone() for _ in range(4)]
+    assert not torch.equal(outs[2], outs[3])
