@@ -1,7 +1,8 @@
 """The functional API, mirroring ``torch.nn.functional``: checks, seeds, scale, dispatch.
 
-The math lives in :mod:`fastnoise.reference`; the kernels live in the backends. This file
-only validates arguments, turns them into what every backend takes, and wires autograd.
+The math lives in :mod:`fastnoise.reference`, the kernels in the backends, the op and its
+autograd in :mod:`fastnoise.ops`. This file validates arguments and turns them into what
+the op takes (scale, per-token scale, seed).
 """
 
 from __future__ import annotations
@@ -45,11 +46,9 @@ def check_method(method: str):
 
 
 def check_nonnegative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    value = _check_finite(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 
@@ -243,10 +242,10 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     ids = input.reshape(-1).contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    out = ops.call_noisy_embedding(weight, ids, tok_mag, noise, mag,
-                              ops.as_int64(seed or 0), 0, seed is None, symmetric,
-                              -1 if padding_idx is None else padding_idx, backend,
-                              reference.round_to_dtype(embed_scale, weight.dtype))
+    out = ops.call_noisy_embedding(weight, ids, tok_mag, noise, mag, ops.as_int64(seed or 0), 0,
+                                   seed is None, symmetric,
+                                   -1 if padding_idx is None else padding_idx, backend,
+                                   reference.round_to_dtype(embed_scale, weight.dtype))
     return out.view(out_shape)
 
 

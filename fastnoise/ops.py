@@ -38,7 +38,7 @@ def as_uint64(value: int) -> int:
 LAST_CAPTURED_SEED: List[Optional[torch.Tensor]] = [None]
 
 
-def _RANK_KEY() -> int:
+def _rank() -> int:
     from .functional import _rank_key
     return _rank_key()
 
@@ -66,8 +66,9 @@ def _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetri
         # Draw the seed on the device instead: PyTorch's RNG advances on every replay.
         if draw_seed:
             seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=weight.device)
-            if _RANK_KEY():
-                seed_tensor = seed_tensor ^ (_RANK_KEY() * 0x9E3779B9)
+            rank = _rank()
+            if rank:  # rank-distinct, as draw_seed does on the host
+                seed_tensor = seed_tensor ^ (rank * 0x9E3779B9)
             extra["seed_tensor"] = seed_tensor
             LAST_CAPTURED_SEED[0] = seed_tensor  # graph memory: holds each replay's seed
             seed, offset = 0, 0
