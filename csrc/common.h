@@ -56,6 +56,19 @@ inline void check_forward_args(const at::Tensor& ids, const at::Tensor& weight,
   }
 }
 
+// seed_tensor of embedding_forward: an int64 tensor of one element on the weight's device.
+inline void check_seed_tensor(const std::optional<at::Tensor>& seed_tensor,
+                              const at::Tensor& weight) {
+  if (!seed_tensor.has_value()) return;
+  const at::Tensor& t = *seed_tensor;
+  TORCH_CHECK(t.scalar_type() == at::kLong, "fastnoise: seed_tensor must be int64, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, "fastnoise: seed_tensor must have one element (shape (1,)), got ",
+              t.sizes());
+  TORCH_CHECK(t.device() == weight.device(), "fastnoise: seed_tensor is on ", t.device(),
+              ", the weight on ", weight.device());
+}
+
 inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& ids,
                                 int64_t num_weights, bool symmetric) {
   TORCH_CHECK(ids.dim() == 1, "fastnoise: ids must be 1-D (flattened)");

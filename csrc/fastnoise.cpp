@@ -29,9 +29,13 @@ TORCH_LIBRARY(fastnoise, m) {
   // noise: 0 uniform, 1 gaussian, 2 bernoulli. seed/offset: uint64 passed as int64 bits.
   // embed_scale: Gemma's scaled embedding (forward: e = dtype(e * embed_scale) before the
   // noise; backward: embed_scale * the summed grad rows); 1.0 = unscaled.
+  // seed_tensor: None, or an int64 (1,) tensor on the weight's device whose value (uint64
+  // bits) overrides seed, with offset 0; the CUDA kernel reads it in-kernel (CUDA-graph
+  // safe: no host sync). Ids out of range: CPU raises, CUDA writes NaN rows.
   m.def(
       "embedding_forward(Tensor ids, Tensor weight, Tensor(a!) out, int noise, float mag, "
-      "Tensor? tok_mag, int seed, int offset, bool symmetric, float embed_scale=1.0) -> ()");
+      "Tensor? tok_mag, int seed, int offset, bool symmetric, float embed_scale=1.0, "
+      "Tensor? seed_tensor=None) -> ()");
   m.def(
       "embedding_backward(Tensor grad_out, Tensor ids, int num_weights, int? padding_idx, "
       "bool symmetric, bool deterministic, float embed_scale=1.0) -> Tensor");

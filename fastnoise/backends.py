@@ -6,17 +6,26 @@ A backend is an object with
 * ``unavailable_reason(device, dtype=None) -> Optional[str]``: None when it can run on that
   device (and weight dtype), else a sentence saying what is missing and how to get it;
 * ``embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric,
-  embed_scale=1.0)``: writes the noisy embedding of the flat ids (N,) into ``out`` (N, d), or
-  (2N, d) when symmetric (rows [0, N) = e + n, [N, 2N) = e - n). ``tok_mag`` is None (use the
-  float ``mag``) or a float32 (N,) per-token scale. ``seed``, ``offset`` are ints in
-  [0, 2**64). ``embed_scale`` (a float, Gemma's scaled embedding, already rounded to the
-  weight's dtype) != 1 first makes ``e = dtype(e * embed_scale)``, then adds the noise; 1.0
-  must cost nothing (the kernels compile it out);
+  embed_scale=1.0, seed_tensor=None)``: writes the noisy embedding of the flat ids (N,) into
+  ``out`` (N, d), or (2N, d) when symmetric (rows [0, N) = e + n, [N, 2N) = e - n).
+  ``tok_mag`` is None (use the float ``mag``) or a float32 (N,) per-token scale. ``seed``,
+  ``offset`` are ints in [0, 2**64). ``embed_scale`` (a float, Gemma's scaled embedding,
+  already rounded to the weight's dtype) != 1 first makes ``e = dtype(e * embed_scale)``,
+  then adds the noise; 1.0 must cost nothing (the kernels compile it out). ``seed_tensor``
+  (None, or an int64 tensor of shape (1,) on the weight's device) is the CUDA-graph-safe
+  seed: when given it overrides ``seed`` (its value read as the uint64 with the same bits,
+  e.g. -5 -> 2**64 - 5) and the offset is 0 (``offset`` is ignored). The kernels read it at
+  run time, on the device (no host sync, no ``.item()``), so a graph captured around
+  ``torch.randint`` + the forward draws new noise on every replay. Ids out of range (< 0 or
+  >= V; the frontend rejects them before any kernel, except inside a captured graph where it
+  cannot check) never read out of bounds and never give a silently wrong row: a kernel
+  either raises (CPU) or writes NaN for the whole output row of that token (Triton, CUDA);
 * ``embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, deterministic,
   embed_scale=1.0)`` -> the weight's gradient (num_weights, d), dtype of ``grad_out``,
   accumulated in float32: ``embed_scale * (the grad rows summed per id)``, each float32
   token row (the pair's halves summed first) multiplied by float32(embed_scale) before it
-  is accumulated;
+  is accumulated; ids out of range contribute nothing (never written out of bounds) or
+  raise (CPU);
 * ``noisytune_(tensors, lam, *, seed, starts)``: perturbs each tensor in place, tensor k from
   counter ``starts[k]``.
 
@@ -50,7 +59,10 @@ class ReferenceBackend:
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
-                          symmetric, embed_scale=1.0):
+                          symmetric, embed_scale=1.0, seed_tensor=None):
+        if seed_tensor is not None:
+            # the definition; a host sync (the reference is not meant for graph capture)
+            seed, offset = int(seed_tensor.reshape(-1)[0].item()) % 2**64, 0
         out.copy_(reference.noisy_embedding(ids, weight, noise=noise, mag=mag, tok_mag=tok_mag,
                                             seed=seed, offset=offset, symmetric=symmetric,
                                             embed_scale=embed_scale))

@@ -58,7 +58,7 @@ def _as_int64(value: int) -> int:
 if _C is not None:
     @torch.library.register_fake("fastnoise::embedding_forward")
     def _embedding_forward_fake(ids, weight, out, noise, mag, tok_mag, seed, offset,
-                                symmetric, embed_scale=1.0):
+                                symmetric, embed_scale=1.0, seed_tensor=None):
         return None
 
     @torch.library.register_fake("fastnoise::embedding_backward")
@@ -100,7 +100,7 @@ class ExtensionBackend:
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
-                          symmetric, embed_scale=1.0):
+                          symmetric, embed_scale=1.0, seed_tensor=None):
         try:
             code = NOISE_CODES[noise]
         except KeyError:
@@ -108,7 +108,8 @@ class ExtensionBackend:
                              f"{tuple(NOISE_CODES)}") from None
         torch.ops.fastnoise.embedding_forward(ids, weight, out, code, float(mag), tok_mag,
                                               _as_int64(seed), _as_int64(offset),
-                                              bool(symmetric), float(embed_scale))
+                                              bool(symmetric), float(embed_scale),
+                                              seed_tensor)
         return out
 
     def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,

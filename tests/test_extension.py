@@ -14,6 +14,7 @@ import torch
 
 from fastnoise import reference as R
 from fastnoise import extension as ext
+from fastnoise.backends import get_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,6 +233,78 @@ def test_forward_out_of_range_ids_raise_on_cpu():
                                                symmetric=False, deterministic=True)
 
 
+def _as_i64(seed):
+    """The int64 with the bits of the uint64 seed (what torch.tensor can hold)."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_forward_seed_tensor_equals_seed_offset_0(device, noise, dtype, symmetric):
+    V, d, n = 17, 136, 11
+    weight = torch.randn(V, d).to(dtype).to(device)
+    ids = torch.randint(0, V, (n,), device=device)
+    tok_mag = torch.rand(n, device=device)
+    seeds = [0, 5, 2**32 + 7, 2**63 - 1, 2**63, 2**64 - 5, U64, _rand_u64()]
+    for k, seed in enumerate(seeds):
+        kw = dict(noise=noise, mag=_mag32(0.3), tok_mag=tok_mag if k % 2 else None,
+                  symmetric=symmetric)
+        if k == 2:
+            kw["embed_scale"] = _embed_scale(d, dtype)
+        want = _forward(device, ids, weight, seed=seed, offset=0, **kw)
+        st = torch.tensor([_as_i64(seed)], dtype=torch.int64, device=device)
+        got = _forward(device, ids, weight, seed=_rand_u64(), offset=2**40 + 3,
+                       seed_tensor=st, **kw)  # seed_tensor overrides seed, offset is 0
+        assert not got.isnan().any()
+        assert torch.equal(got, want), (seed, (got.double() - want.double()).abs().max())
+    # torch.tensor([-5]) is the seed 2**64 - 5 (uint64 bits), offset 0: the reference
+    ref = R.noisy_embedding(ids.cpu(), weight.cpu(), noise=noise, mag=_mag32(0.3),
+                            seed=2**64 - 5, offset=0, symmetric=symmetric)
+    got = _forward(device, ids, weight, noise=noise, mag=_mag32(0.3), seed=1, offset=2,
+                   symmetric=symmetric, seed_tensor=torch.tensor([-5], device=device)).cpu()
+    if noise == "gaussian":
+        wide = dtype in (torch.float32, torch.float64)
+        torch.testing.assert_close(got, ref, rtol=2e-6 if wide else None,
+                                   atol=2e-6 if wide else None)
+    else:
+        assert torch.equal(got, ref)
+
+
+def test_reference_backend_seed_tensor():
+    V, d, n = 9, 40, 5
+    weight = torch.randn(V, d)
+    ids = torch.randint(0, V, (n,))
+    be = get_backend("reference")
+    for seed in (3, 2**63 + 1, 2**64 - 5):
+        a = torch.empty(2 * n, d)
+        b = torch.empty(2 * n, d)
+        be.embedding_forward(ids, weight, a, noise="uniform", mag=0.1, tok_mag=None,
+                             seed=seed, offset=0, symmetric=True)
+        be.embedding_forward(ids, weight, b, noise="uniform", mag=0.1, tok_mag=None, seed=9,
+                             offset=99, symmetric=True,
+                             seed_tensor=torch.tensor([_as_i64(seed)]))
+        assert torch.equal(a, b)
+
+
+def test_forward_seed_tensor_bad_arguments():
+    weight = torch.randn(10, 16)
+    ids = torch.tensor([1, 2])
+    out = torch.empty(2, 16)
+    kw = dict(noise="uniform", mag=0.1, tok_mag=None, seed=0, offset=0, symmetric=False)
+    with pytest.raises(RuntimeError, match="seed_tensor must be int64"):
+        _backend("cpu").embedding_forward(ids, weight, out, seed_tensor=torch.tensor([1.0]),
+                                          **kw)
+    with pytest.raises(RuntimeError, match="one element"):
+        _backend("cpu").embedding_forward(ids, weight, out,
+                                          seed_tensor=torch.tensor([1, 2]), **kw)
+    # out-of-range ids still raise on the CPU with a seed tensor
+    with pytest.raises(RuntimeError, match="out of range"):
+        _backend("cpu").embedding_forward(torch.tensor([1, 10]), weight, out,
+                                          seed_tensor=torch.tensor([3]), **kw)
+
+
 def test_forward_rejects_bad_arguments():
     weight = torch.randn(10, 16)
     ids = torch.tensor([1, 2])
@@ -423,6 +496,18 @@ def test_opcheck(device):
             (ids, w, out, 0, 0.1, None, 5, 3, True, 6.0))
     opcheck(torch.ops.fastnoise.embedding_backward.default, (g, ids, V, 3, True, True, 6.0))
     opcheck(torch.ops.fastnoise.embedding_backward.default, (g, ids, V, None, True, False, 6.0))
+    # seed_tensor (last, default None)
+    for noise in (0, 1, 2):
+        for st in (torch.tensor([7], device=device), torch.tensor([-5], device=device)):
+            out = torch.empty(2 * n, d, device=device)
+            opcheck(torch.ops.fastnoise.embedding_forward.default,
+                    (ids, w, out, noise, 0.1, None, 5, 3, True, 1.0, st))
+            opcheck(torch.ops.fastnoise.embedding_forward.default,
+                    (ids, w, out[:n], noise, 0.1, torch.rand(n, device=device), -1, 2**40,
+                     False, 6.0, st))
+    opcheck(torch.ops.fastnoise.embedding_forward.default,
+            (ids, w, out[:n], 0, 0.1, None, 5, 3, False),
+            {"seed_tensor": torch.tensor([3], device=device)})
     ts = [torch.randn(10, 3, device=device), torch.randn(7, device=device)]
     opcheck(torch.ops.fastnoise.noisytune_.default, (ts, 0.1, 9, [0, 8]))
 
@@ -439,6 +524,8 @@ def test_fake_tensor_shapes():
                                               0, False)
         torch.ops.fastnoise.embedding_forward(ids, torch.empty(100, 8), out, 0, 0.1, None, 0,
                                               0, False, 2.5)
+        torch.ops.fastnoise.embedding_forward(ids, torch.empty(100, 8), out, 0, 0.1, None, 0,
+                                              0, False, 1.0, torch.empty(1, dtype=torch.long))
         grad = torch.ops.fastnoise.embedding_backward(g, ids, 100, None, True, True, 2.5)
         assert grad.shape == (100, 8)
 
@@ -515,3 +602,56 @@ def test_cuda_out_of_range_ids_do_not_crash():
                                                padding_idx=None, symmetric=False,
                                                deterministic=True)
     assert grad.sum().item() == 128.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_cuda_graph_replays_draw_new_noise(noise, dtype):
+    """A graph captured around torch.randint + the forward: each replay reads the seed the
+    replay drew (in-kernel), so the noise changes and matches the reference for that seed."""
+    V, d, n = 500, 264, 70  # d = 264: the unvectorized paths too for bf16
+    weight = torch.randn(V, d, device="cuda").to(dtype)
+    ids = torch.randint(0, V, (n,), device="cuda")
+    out = torch.empty(2 * n, d, device="cuda", dtype=dtype)
+    kw = dict(noise=noise, mag=_mag32(0.1), tok_mag=None, seed=0, offset=0, symmetric=True)
+
+    def step():
+        st = torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cuda")
+        ext.CUDA_BACKEND.embedding_forward(ids, weight, out, seed_tensor=st, **kw)
+        return st
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        st = step()
+    outs, seeds = [], []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(out.clone())
+        seeds.append(int(st.item()))
+    assert seeds[0] != seeds[1] and not torch.equal(outs[0], outs[1])
+    for o, s in zip(outs, seeds):
+        ref = R.noisy_embedding(ids.cpu(), weight.cpu(), noise=noise, mag=_mag32(0.1),
+                                seed=s, offset=0, symmetric=True)
+        if noise == "gaussian":
+            wide = dtype == torch.float32
+            torch.testing.assert_close(o.cpu(), ref, rtol=2e-6 if wide else None,
+                                       atol=2e-6 if wide else None)
+        else:
+            assert torch.equal(o.cpu(), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+def test_cuda_seed_tensor_on_wrong_device_raises():
+    weight = torch.randn(10, 16, device="cuda")
+    ids = torch.tensor([1, 2], device="cuda")
+    with pytest.raises(RuntimeError, match="seed_tensor is on"):
+        _forward("cuda", ids, weight, noise="uniform", mag=0.1, seed_tensor=torch.tensor([1]))

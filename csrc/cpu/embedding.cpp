@@ -134,10 +134,17 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
 
 void embedding_forward_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& out,
                            int64_t noise, double mag, const std::optional<at::Tensor>& tok_mag,
-                           int64_t seed, int64_t offset, bool symmetric, double embed_scale) {
+                           int64_t seed, int64_t offset, bool symmetric, double embed_scale,
+                           const std::optional<at::Tensor>& seed_tensor) {
   check_forward_args(ids, weight, out, noise, tok_mag, symmetric);
+  check_seed_tensor(seed_tensor, weight);
   const bool has_scale = embed_scale != 1.0;
   TORCH_CHECK(weight.device().is_cpu(), "fastnoise: CPU kernel got a non-CPU weight");
+  if (seed_tensor.has_value()) {
+    // a CPU tensor here: read on the host; its uint64 bits override seed, offset 0
+    seed = *seed_tensor->const_data_ptr<int64_t>();
+    offset = 0;
+  }
   const int64_t n = ids.numel();
   const int64_t V = weight.size(0);
   const int64_t d = weight.size(1);

@@ -7,7 +7,11 @@
 // Forward, bernoulli: one warp per (row, chunk of 32 counters = 4096 elements); lane i draws
 // counter i of the chunk into shared memory (512 bytes per warp), then the warp streams the
 // chunk with 16-byte packs, each lane reading its word (broadcast) and shifting bits.
-// Ids out of range are never read: their output rows are NaN (the frontend validates ids).
+// Ids out of range are never read: their output rows are NaN (the frontend validates ids,
+// but cannot inside a captured CUDA graph).
+// seed_ptr (the op's seed_tensor, an int64 on the device) != nullptr: the kernels read the
+// 64-bit seed from it at run time and use counter offset 0 (CUDA-graph safe: a replay sees
+// the value drawn into it by the captured torch.randint; no host sync).
 // SCALE (embed_scale != 1, Gemma): e = T(e * embed_scale) before the noise; the unscaled
 // instantiations are the plain kernels.
 //
@@ -46,8 +50,13 @@ __global__ void __launch_bounds__(kThreads)
 forward_ug_kernel(const I* __restrict__ ids, int64_t n, const T* __restrict__ weight,
                   int64_t w_stride, int64_t V, T* __restrict__ out, int64_t d, int64_t G,
                   float mag, const float* __restrict__ tok_mag, uint64_t seed,
-                  uint64_t offset, bool symmetric, typename AddType<T>::type es) {
+                  uint64_t offset, const int64_t* __restrict__ seed_ptr, bool symmetric,
+                  typename AddType<T>::type es) {
   constexpr int E = 4 * CPT;  // elements per thread-unit
+  if (seed_ptr != nullptr) {
+    seed = static_cast<uint64_t>(*seed_ptr);
+    offset = 0;
+  }
   using P = Pack<T, E>;
   const int64_t units = (G + CPT - 1) / CPT;
   using A = typename AddType<T>::type;  // e + n in float32 (float64 for float64 weights)
@@ -109,7 +118,12 @@ forward_bernoulli_kernel(const I* __restrict__ ids, int64_t n, const T* __restri
                          int64_t w_stride, int64_t V, T* __restrict__ out, int64_t d,
                          int64_t G, int64_t chunks_per_row, float mag,
                          const float* __restrict__ tok_mag, uint64_t seed, uint64_t offset,
-                         bool symmetric, typename AddType<T>::type es) {
+                         const int64_t* __restrict__ seed_ptr, bool symmetric,
+                         typename AddType<T>::type es) {
+  if (seed_ptr != nullptr) {
+    seed = static_cast<uint64_t>(*seed_ptr);
+    offset = 0;
+  }
   constexpr int E = 16 / sizeof(T) >= 2 ? 16 / sizeof(T) : 2;  // divides 32
   using P = Pack<T, E>;
   __shared__ __align__(16) uint32_t smem[kWarps][32 * 4];
@@ -183,8 +197,8 @@ inline int64_t next_pow2(int64_t v) {
 template <typename T, typename I, bool SCALE>
 void launch_forward(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& out,
                     int64_t kind, float mag, const float* tok_mag, uint64_t seed,
-                    uint64_t offset, bool symmetric, double embed_scale, cudaStream_t stream,
-                    int sms) {
+                    uint64_t offset, const int64_t* seed_ptr, bool symmetric,
+                    double embed_scale, cudaStream_t stream, int sms) {
   // float32(embed_scale), float64 for float64 weights (the reference's multiply)
   const auto es = static_cast<typename AddType<T>::type>(embed_scale);
   const int64_t n = ids.numel();
@@ -204,10 +218,12 @@ void launch_forward(const at::Tensor& ids, const at::Tensor& weight, const at::T
     const int64_t blocks = std::min<int64_t>((n * chunks + kWarps - 1) / kWarps, max_blocks);
     if (vec) {
       forward_bernoulli_kernel<T, I, true, SCALE><<<blocks, kThreads, 0, stream>>>(
-          ip, n, wp, w_stride, V, op, d, G, chunks, mag, tok_mag, seed, offset, symmetric, es);
+          ip, n, wp, w_stride, V, op, d, G, chunks, mag, tok_mag, seed, offset, seed_ptr,
+          symmetric, es);
     } else {
       forward_bernoulli_kernel<T, I, false, SCALE><<<blocks, kThreads, 0, stream>>>(
-          ip, n, wp, w_stride, V, op, d, G, chunks, mag, tok_mag, seed, offset, symmetric, es);
+          ip, n, wp, w_stride, V, op, d, G, chunks, mag, tok_mag, seed, offset, seed_ptr,
+          symmetric, es);
     }
     FASTNOISE_KERNEL_LAUNCH_CHECK();
     return;
@@ -224,7 +240,7 @@ void launch_forward(const at::Tensor& ids, const at::Tensor& weight, const at::T
                    aligned(op, sizeof(T) * E);
 #define FASTNOISE_LAUNCH_UG(KIND, VEC_)                                                   \
   forward_ug_kernel<T, I, KIND, CPT, VEC_, SCALE><<<blocks, block, 0, stream>>>(          \
-      ip, n, wp, w_stride, V, op, d, G, mag, tok_mag, seed, offset, symmetric, es)
+      ip, n, wp, w_stride, V, op, d, G, mag, tok_mag, seed, offset, seed_ptr, symmetric, es)
   if (kind == kUniform) {
     if (vec) FASTNOISE_LAUNCH_UG(kUniform, true); else FASTNOISE_LAUNCH_UG(kUniform, false);
   } else {
@@ -237,8 +253,10 @@ void launch_forward(const at::Tensor& ids, const at::Tensor& weight, const at::T
 void embedding_forward_cuda(const at::Tensor& ids, const at::Tensor& weight,
                             const at::Tensor& out, int64_t noise, double mag,
                             const std::optional<at::Tensor>& tok_mag, int64_t seed,
-                            int64_t offset, bool symmetric, double embed_scale) {
+                            int64_t offset, bool symmetric, double embed_scale,
+                            const std::optional<at::Tensor>& seed_tensor) {
   check_forward_args(ids, weight, out, noise, tok_mag, symmetric);
+  check_seed_tensor(seed_tensor, weight);
   TORCH_CHECK(weight.is_cuda(), "fastnoise: CUDA kernel got a weight on ", weight.device());
   const int64_t n = ids.numel();
   const int64_t d = weight.size(1);
@@ -247,6 +265,9 @@ void embedding_forward_cuda(const at::Tensor& ids, const at::Tensor& weight,
   cudaStream_t stream = current_stream(weight.device());
   const int sms = sm_count(weight.device().index());
   const float* tm = tok_mag.has_value() ? tok_mag->const_data_ptr<float>() : nullptr;
+  // read in-kernel (no host sync): the value at launch time of each graph replay
+  const int64_t* sp =
+      seed_tensor.has_value() ? seed_tensor->const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fastnoise_embedding_forward_cuda", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, weight.scalar_type(), "fastnoise_embedding_forward_cuda",
@@ -254,13 +275,13 @@ void embedding_forward_cuda(const at::Tensor& ids, const at::Tensor& weight,
           if (embed_scale != 1.0) {
             launch_forward<scalar_t, index_t, true>(ids, weight, out, noise,
                                                     static_cast<float>(mag), tm, as_u64(seed),
-                                                    as_u64(offset), symmetric, embed_scale,
-                                                    stream, sms);
+                                                    as_u64(offset), sp, symmetric,
+                                                    embed_scale, stream, sms);
           } else {
             launch_forward<scalar_t, index_t, false>(ids, weight, out, noise,
                                                      static_cast<float>(mag), tm, as_u64(seed),
-                                                     as_u64(offset), symmetric, 1.0, stream,
-                                                     sms);
+                                                     as_u64(offset), sp, symmetric, 1.0,
+                                                     stream, sms);
           }
         });
   });

@@ -51,10 +51,10 @@ class TritonBackend:
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
-                          symmetric, embed_scale=1.0):
+                          symmetric, embed_scale=1.0, seed_tensor=None):
         _emb.noisy_embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
                                      seed=seed, offset=offset, symmetric=symmetric,
-                                     embed_scale=embed_scale)
+                                     embed_scale=embed_scale, seed_tensor=seed_tensor)
 
     def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
                            deterministic, embed_scale=1.0):

@@ -13,6 +13,14 @@ gather. The 4 words (or 128 bits) are interleaved back into columns with join/re
 ``embed_scale`` != 1 (Gemma's scaled embedding) is the constexpr HAS_SCALE: the forward
 rounds ``e = dtype(e * embed_scale)`` before the noise, the backward multiplies each fp32
 grad row by it before accumulating; with HAS_SCALE off the kernels are the unscaled code.
+
+SEED_FROM_PTR (a ``seed_tensor`` was given): the forward loads its 64-bit seed from an int64
+device tensor instead of the seed_lo/seed_hi scalars, with counter offset 0, so a CUDA graph
+captured around ``torch.randint`` + the forward draws fresh noise on every replay.
+
+Out-of-range ids (< 0 or >= V; possible only where the frontend cannot check, e.g. inside a
+captured graph) are never read: the forward writes NaN over the whole row of such a token,
+the backward kernels skip them.
 """
 
 import functools
@@ -160,11 +168,12 @@ def _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi,
 # --------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi"])
 def _noisy_embedding_fwd_kernel(
-    ids_ptr, w_ptr, out_ptr, tok_mag_ptr,
+    ids_ptr, w_ptr, out_ptr, tok_mag_ptr, seed_ptr,
     N, V, d, w_row_stride, mag, embed_scale,
     seed_lo, seed_hi, off_lo, off_hi,
     NOISE: tl.constexpr, HAS_TOK_MAG: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -173,14 +182,25 @@ def _noisy_embedding_fwd_kernel(
     row_mask = rows < N
     mask = row_mask[:, None] & (cols < d)[None, :]
 
-    # ids are validated by the frontend; clamp anyway so a bad id can never read out of bounds
+    # ids are validated by the frontend, except inside a captured CUDA graph (no sync): an
+    # out-of-range id is never read, and its whole output row is NaN (never a silent clamp)
     ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    ids = tl.minimum(tl.maximum(ids, 0), V - 1)
-    e = tl.load(w_ptr + ids[:, None] * w_row_stride + cols[None, :], mask=mask, other=0.0)
+    valid = (ids >= 0) & (ids < V)
+    ids = tl.where(valid, ids, 0)
+    e = tl.load(w_ptr + ids[:, None] * w_row_stride + cols[None, :],
+                mask=mask & valid[:, None], other=0.0)
     e = e.to(tl.float32)
     if HAS_SCALE:
         # Gemma: the row times embed_scale (fp32), rounded once to the weight dtype
         e = (e * embed_scale).to(w_ptr.dtype.element_ty).to(tl.float32)
+    e = tl.where(valid[:, None], e, float("nan"))
+
+    if SEED_FROM_PTR:
+        # CUDA-graph-safe seed: the uint64 bits of an int64 device tensor, read at run time
+        # (each graph replay sees the value drawn into it); the counter offset is 0
+        s64 = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
+        seed_lo = s64.to(tl.uint32)  # truncates: the low word
+        seed_hi = (s64 >> 32).to(tl.uint32)
 
     xi = _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi, NOISE, BLOCK_T, BLOCK_D)
     if HAS_TOK_MAG:
@@ -294,21 +314,37 @@ def _fwd_config(n: int, d: int, noise: int):
 
 
 def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric,
-                            embed_scale=1.0):
-    """Write the noisy embedding of flat ids (N,) into out (N, d) or (2N, d) when symmetric."""
+                            embed_scale=1.0, seed_tensor=None):
+    """Write the noisy embedding of flat ids (N,) into out (N, d) or (2N, d) when symmetric.
+
+    ``seed_tensor`` (int64, shape (1,), on the weight's device) overrides ``seed`` and makes
+    the offset 0; the kernel loads it (no host sync), so it is safe under CUDA graph capture.
+    Ids out of range give NaN rows (never read out of bounds).
+    """
     n = ids.shape[0]
     v, d = weight.shape
     code = NOISE_CODES[noise]
     block_t, block_d, num_warps, grid = _fwd_config(n, d, code)
-    seed_lo, seed_hi = _split64(seed)
-    off_lo, off_hi = _split64(offset)
+    from_ptr = seed_tensor is not None
+    if from_ptr:
+        if seed_tensor.dtype != torch.int64 or seed_tensor.numel() != 1:
+            raise ValueError("fastnoise: seed_tensor must be an int64 tensor of shape (1,), got "
+                             f"{seed_tensor.dtype} {tuple(seed_tensor.shape)}")
+        if seed_tensor.device != weight.device:
+            raise ValueError(f"fastnoise: seed_tensor is on {seed_tensor.device}, the weight "
+                             f"on {weight.device}")
+        seed_lo = seed_hi = off_lo = off_hi = 0  # unused seed scalars; offset 0
+    else:
+        seed_lo, seed_hi = _split64(seed)
+        off_lo, off_hi = _split64(offset)
     has_tok = tok_mag is not None
     _noisy_embedding_fwd_kernel[grid](
-        ids, weight, out, tok_mag if has_tok else ids,
+        ids, weight, out, tok_mag if has_tok else ids, seed_tensor if from_ptr else ids,
         n, v, d, weight.stride(0), float(mag), float(embed_scale),
         seed_lo, seed_hi, off_lo, off_hi,
         NOISE=code, HAS_TOK_MAG=has_tok, SYMMETRIC=bool(symmetric),
-        HAS_SCALE=float(embed_scale) != 1.0, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=False,
+        HAS_SCALE=float(embed_scale) != 1.0, SEED_FROM_PTR=from_ptr, BLOCK_T=block_t,
+        BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=False,
     )
     return out
 
