@@ -150,18 +150,14 @@ def _noisytune_row(backend: str, dtype, device) -> Row:
                "ok" if worst == 0 else "FAIL", "within rounding of the final add")
 
 
-def _skip_reason(backend: str, dtype) -> Optional[str]:
+def _skip_reason(backend: str, device, dtype) -> Optional[str]:
     if backend == "triton" and dtype == torch.bfloat16 and triton_interpreter_enabled():
         return "the Triton interpreter mishandles bfloat16"
-    return get_backend(backend).unavailable_reason(_DEVICE, dtype)
-
-
-_DEVICE = torch.device("cpu")
+    return get_backend(backend).unavailable_reason(device, dtype)
 
 
 def run_checks(device="cpu", backends: Optional[List[str]] = None, progress=None) -> List[Row]:
-    global _DEVICE
-    _DEVICE = device = torch.device(device)
+    device = torch.device(device)
     names = backends or available_backends(device)
     rows = [check_philox()]
     for name in names:
@@ -175,7 +171,7 @@ def run_checks(device="cpu", backends: Optional[List[str]] = None, progress=None
             rows.append(_guard(lambda: _stats_row(name, noise, device), name, f"stats/{noise}",
                                "float32"))
         for dtype_name, dtype in DTYPES.items():
-            skip = _skip_reason(name, dtype)
+            skip = _skip_reason(name, device, dtype)
             if skip:
                 rows.append(Row(name, "all", dtype_name, None, "skip", skip))
                 continue

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .ops import as_int64
+
 __all__ = ["CPU_BACKEND", "CUDA_BACKEND", "BUILD_HINT", "NOISE_CODES", "is_built",
            "load_error", "cuda_built", "ExtensionBackend"]
 
@@ -44,15 +46,6 @@ def load_error() -> Optional[str]:
 def cuda_built() -> bool:
     """Whether the loaded extension contains the CUDA kernels."""
     return _C is not None and bool(torch.ops.fastnoise.cuda_built())
-
-
-_U64 = (1 << 64) - 1
-
-
-def _as_int64(value: int) -> int:
-    """A uint64 (seed / counter offset) as the int64 with the same bits (the op schema's int)."""
-    value = int(value) & _U64
-    return value - (1 << 64) if value >= (1 << 63) else value
 
 
 if _C is not None:
@@ -107,7 +100,7 @@ class ExtensionBackend:
             raise ValueError(f"unknown noise kind {noise!r}; expected one of "
                              f"{tuple(NOISE_CODES)}") from None
         torch.ops.fastnoise.embedding_forward(ids, weight, out, code, float(mag), tok_mag,
-                                              _as_int64(seed), _as_int64(offset),
+                                              as_int64(seed), as_int64(offset),
                                               bool(symmetric), float(embed_scale),
                                               seed_tensor)
         return out
@@ -122,8 +115,8 @@ class ExtensionBackend:
         tensors = list(tensors)
         if not tensors:
             return
-        torch.ops.fastnoise.noisytune_(tensors, float(lam), _as_int64(seed),
-                                       [_as_int64(s) for s in starts])
+        torch.ops.fastnoise.noisytune_(tensors, float(lam), as_int64(seed),
+                                       [as_int64(s) for s in starts])
 
 
 CPU_BACKEND = ExtensionBackend("cpu", "cpu")

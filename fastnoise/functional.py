@@ -129,10 +129,13 @@ def set_rank_distinct_noise(enabled: bool) -> None:
     _RANK_DISTINCT[0] = bool(enabled)
 
 
-def _rank_key() -> int:
+def rank_seed_mask() -> int:
+    """What the seed is XORed with to make noise rank-distinct: 0 on rank 0, outside
+    torch.distributed, or after ``set_rank_distinct_noise(False)``; used by the host-drawn
+    and the device-drawn (CUDA graph) seeds alike."""
     dist = torch.distributed
     if _RANK_DISTINCT[0] and dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
+        return (dist.get_rank() * 0x9E3779B97F4A7C15) % _U64  # golden-ratio odd multiplier
     return 0
 
 
@@ -145,9 +148,8 @@ def draw_seed(device: torch.device, counters: int, rank_distinct: bool = False):
     torch.distributed rank is mixed into the seed (see :func:`set_rank_distinct_noise`).
     """
     seed, offset = _draw_seed(device, counters)
-    rank = _rank_key() if rank_distinct else 0
-    if rank:
-        seed = (seed ^ (rank * 0x9E3779B97F4A7C15)) % _U64  # golden-ratio odd multiplier
+    if rank_distinct:
+        seed ^= rank_seed_mask()
     return seed, offset
 
 

@@ -38,11 +38,6 @@ def as_uint64(value: int) -> int:
 LAST_CAPTURED_SEED: List[Optional[torch.Tensor]] = [None]
 
 
-def _rank() -> int:
-    from .functional import _rank_key
-    return _rank_key()
-
-
 def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
     if ids.numel() == 0:
         return
@@ -56,7 +51,7 @@ def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
 def _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric, backend,
              embed_scale):
     """The forward: shared by the custom op (compiled graphs) and the eager autograd path."""
-    from .functional import draw_seed as draw
+    from .functional import draw_seed as draw, rank_seed_mask
 
     chosen = resolve_backend(backend, weight.device, weight.dtype)
     extra = {}
@@ -66,9 +61,9 @@ def _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetri
         # Draw the seed on the device instead: PyTorch's RNG advances on every replay.
         if draw_seed:
             seed_tensor = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=weight.device)
-            rank = _rank()
-            if rank:  # rank-distinct, as draw_seed does on the host
-                seed_tensor = seed_tensor ^ (rank * 0x9E3779B9)
+            mask = rank_seed_mask()
+            if mask:  # rank-distinct, as draw_seed does on the host
+                seed_tensor = seed_tensor ^ as_int64(mask)
             extra["seed_tensor"] = seed_tensor
             LAST_CAPTURED_SEED[0] = seed_tensor  # graph memory: holds each replay's seed
             seed, offset = 0, 0
