@@ -101,6 +101,11 @@ def _check_like_input(name: str, value, input: torch.Tensor) -> None:
         raise TypeError(f"{name} must be bool or integer, got {value.dtype}")
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """True while ``t``'s CUDA stream is being captured into a graph (no host sync allowed)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _check_cu_seqlens(cu_seqlens, input: torch.Tensor) -> None:
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
             or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 1):
@@ -143,8 +148,9 @@ def draw_seed(device: torch.device, counters: int, rank_distinct: bool = False):
     """(seed, offset) for a call that uses ``counters`` Philox counters, from torch's default
     generator of ``device``: ``torch.manual_seed`` makes runs repeatable, every call differs.
 
-    CPU: a fresh 63-bit seed, offset 0. CUDA: the generator's seed and its Philox offset,
-    which is advanced past the counters used (no device sync). With ``rank_distinct`` the
+    CPU: a fresh 63-bit seed, offset 0. CUDA: the generator's seed and a counter offset taken
+    from its Philox offset, which is advanced past what the call uses (no device sync). With
+    ``rank_distinct`` the
     torch.distributed rank is mixed into the seed (see :func:`set_rank_distinct_noise`).
     """
     seed, offset = _draw_seed(device, counters)
@@ -158,8 +164,12 @@ def _draw_seed(device: torch.device, counters: int):
         idx = device.index if device.index is not None else torch.cuda.current_device()
         gen = torch.cuda.default_generators[idx]
         offset = gen.get_offset()
-        gen.set_offset(offset + ((counters + 3) // 4) * 4)  # CUDA offsets are multiples of 4
-        return gen.initial_seed() % _U64, offset
+        # PyTorch's kernels read the generator as curand does: offset o (counted in 32-bit
+        # words) is Philox counter o // 4 of each thread's subsequence, and thread 0's
+        # subsequence is our counter space. Reserving 4 words a counter and starting at
+        # o // 4 gives this call exactly the counters no other draw of the generator uses.
+        gen.set_offset(offset + 4 * counters)
+        return gen.initial_seed() % _U64, offset // 4
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     return seed, 0
 
@@ -217,8 +227,8 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     d = weight.shape[1]
     _check_like_input("attention_mask", attention_mask, input)
     _check_like_input("position_ids", position_ids, input)
-    if cu_seqlens is not None and not torch.compiler.is_compiling():
-        _check_cu_seqlens(cu_seqlens, input)  # syncs; compiled graphs skip it
+    if cu_seqlens is not None and not (torch.compiler.is_compiling() or _capturing(input)):
+        _check_cu_seqlens(cu_seqlens, input)  # syncs; compiled and captured graphs skip it
 
     if backend != "auto":
         get_backend(backend)  # an unknown name fails here; availability inside the op
@@ -345,6 +355,9 @@ def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor
     for t in tensors:
         if not t.is_floating_point():
             raise TypeError(f"noisytune_ perturbs floating-point tensors, got {t.dtype}")
+        if _capturing(t):
+            raise RuntimeError("noisytune_ cannot be captured in a CUDA graph: it runs once, "
+                               "before training (its tables are copied from the host)")
     total = sum((t.numel() + 3) // 4 for t in tensors)
     if seed is None:
         device = tensors[0].device if tensors else torch.device("cpu")

@@ -256,7 +256,8 @@ def token_scale(alpha: float, d: int, *, seq_len: int,
         keep = (attention_mask != 0).reshape(-1)
     else:
         n = segments.numel() if segments is not None else None
-        keep = torch.ones(n, dtype=torch.bool) if n is not None else None
+        # on the segments' device: a host-to-device copy is illegal under CUDA graph capture
+        keep = torch.ones(n, dtype=torch.bool, device=segments.device) if n is not None else None
     if segments is None:
         segments = torch.arange(keep.numel(), device=keep.device) // seq_len
     keep = keep.to(segments.device)

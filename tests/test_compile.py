@@ -8,6 +8,8 @@ from torch import nn
 import fastnoise
 from fastnoise import ops, reference as R
 
+import cuda_graphs
+
 BACKENDS = [b for b in fastnoise.available_backends("cpu") if b in ("reference", "cpu")]
 
 
@@ -97,24 +99,14 @@ def test_cuda_graph_replays_draw_new_noise_matching_the_reference():
     weight = torch.randn(1000, 256, device="cuda")
     ids = torch.randint(0, 1000, (4, 64), device="cuda")
     fastnoise.noisy_embedding(ids, weight)  # warm up (compile kernels) outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fastnoise.noisy_embedding(ids, weight)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fastnoise.noisy_embedding(ids, weight)
-    seen = []
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        seed = int(ops.LAST_CAPTURED_SEED[0].item()) % 2**64
+    graph, out = cuda_graphs.capture(lambda: fastnoise.noisy_embedding(ids, weight))
+    seen = cuda_graphs.replay(graph, lambda: (int(ops.LAST_CAPTURED_SEED[0].item()) % 2**64,
+                                              out.clone()))
+    for seed, got in seen:
         expect = R.noisy_embedding(ids.reshape(-1).cpu(), weight.cpu(), noise="uniform",
                                    mag=R.noise_scale(5.0, 64, 256), seed=seed)
-        assert torch.equal(out.reshape(-1, 256).cpu(), expect)
-        seen.append(out.clone())
-    assert not torch.equal(seen[0], seen[1])  # every replay new noise
+        assert torch.equal(got.reshape(-1, 256).cpu(), expect)
+    assert seen[0][0] != seen[1][0] and not torch.equal(seen[0][1], seen[1][1])
 
 
 @pytest.mark.gpu

@@ -16,6 +16,8 @@ from fastnoise import reference as R
 from fastnoise import extension as ext
 from fastnoise.backends import get_backend
 
+import cuda_graphs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------
@@ -622,20 +624,8 @@ def test_cuda_cuda_graph_replays_draw_new_noise(noise, dtype):
         ext.CUDA_BACKEND.embedding_forward(ids, weight, out, seed_tensor=st, **kw)
         return st
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        st = step()
-    outs, seeds = [], []
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        outs.append(out.clone())
-        seeds.append(int(st.item()))
+    graph, st = cuda_graphs.capture(step)
+    seeds, outs = zip(*cuda_graphs.replay(graph, lambda: (int(st.item()), out.clone())))
     assert seeds[0] != seeds[1] and not torch.equal(outs[0], outs[1])
     for o, s in zip(outs, seeds):
         ref = R.noisy_embedding(ids.cpu(), weight.cpu(), noise=noise, mag=_mag32(0.1),

@@ -188,3 +188,49 @@ def test_packed_sequences_use_each_segment_length():
             fastnoise.noisy_embedding(ids, weight, cu_seqlens=bad)
     with pytest.raises(ValueError, match="position_ids"):
         fastnoise.noisy_embedding(ids, weight, position_ids=pos[:, :3])
+
+
+# --------------------------------------------------------------------------------------
+# GPU only: seeds from the CUDA generator, CUDA graph capture
+# --------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_seed_uses_counters_no_torch_kernel_uses():
+    # torch's kernels read offset o as Philox counter o // 4 (curand): a call that uses c
+    # counters starts at o // 4 and moves the generator 4 * c words on
+    from fastnoise.functional import draw_seed
+    torch.cuda.manual_seed(123)
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    torch.rand(1000, device="cuda")  # moves the offset
+    before = gen.get_offset()
+    seed, offset = draw_seed(torch.device("cuda"), 10)
+    assert (seed, offset) == (123, before // 4)
+    assert gen.get_offset() == before + 40
+    assert draw_seed(torch.device("cuda"), 1)[1] == before // 4 + 10
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_packed_noise_can_be_captured_in_a_cuda_graph():
+    import cuda_graphs
+    weight = torch.randn(100, 64, device="cuda")
+    ids = torch.randint(0, 100, (2, 16), device="cuda")
+    pos = torch.arange(16, device="cuda").remainder(5).expand(2, 16)  # segments of 5, 5, 5, 1
+    cu = torch.tensor([0, 10, 32], dtype=torch.int32, device="cuda")
+    for kw in (dict(position_ids=pos), dict(cu_seqlens=cu)):
+        graph, out = cuda_graphs.capture(lambda: fastnoise.noisy_embedding(ids, weight, **kw))
+        first, second = cuda_graphs.replay(graph, lambda: out.clone())
+        assert not torch.equal(first, second) and torch.isfinite(first).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_noisytune_refuses_graph_capture():
+    w = torch.randn(64, 64, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        with torch.cuda.graph(graph):
+            fastnoise.noisytune_([w])

@@ -15,6 +15,8 @@ from fastnoise import reference as R  # noqa: E402
 from fastnoise.backends import get_backend  # noqa: E402
 from fastnoise.triton_ops import BACKEND  # noqa: E402
 
+import cuda_graphs  # noqa: E402
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NOISES = ("uniform", "gaussian", "bernoulli")
 gpu = pytest.mark.gpu
@@ -447,6 +449,16 @@ def test_noisytune_many_tensors_and_offsets():
         _assert_noisytune_close(mine, ref, tensors)
 
 
+def test_noisytune_unaligned_views():
+    # views one element into a buffer start off 16 bytes: the launch takes the unvectorized
+    # path (ALIGNED off) and must give the same numbers
+    base = torch.randn(3 * 2049, device=DEVICE)
+    tensors = [base[1:2049], base[2049 + 3:2 * 2049].half(), base[2 * 2049:]]
+    assert any(t.data_ptr() % 16 for t in tensors)
+    mine, ref = _noisytune_both(tensors, 0.2, seed=11, offset=3)
+    _assert_noisytune_close(mine, ref, tensors)
+
+
 def test_noisytune_empty_list_and_only_skipped():
     BACKEND.noisytune_([], 0.1, seed=0, starts=[])
     t = torch.zeros(3, device=DEVICE)
@@ -577,20 +589,8 @@ def test_gpu_cuda_graph_replays_draw_new_noise(noise):
         BACKEND.embedding_forward(ids, weight, out, seed_tensor=st, **kw)
         return st
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up (compiles the kernel) outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        st = step()
-    outs, seeds = [], []
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        outs.append(out.clone())
-        seeds.append(int(st.item()))
+    graph, st = cuda_graphs.capture(step)
+    seeds, outs = zip(*cuda_graphs.replay(graph, lambda: (int(st.item()), out.clone())))
     assert seeds[0] != seeds[1] and not torch.equal(outs[0], outs[1])
     for o, s in zip(outs, seeds):
         ref = R.noisy_embedding(ids, weight, noise=noise, mag=0.1, seed=s, offset=0,

@@ -42,6 +42,13 @@ inline int sm_count(int device) {
   return cache[device];
 }
 
+// A 1-D grid of `blocks` blocks, refused past CUDA's limit (2^31 - 1) rather than truncated.
+inline unsigned int grid_blocks(int64_t blocks) {
+  TORCH_CHECK(blocks > 0 && blocks <= 0x7fffffff, "fastnoise: a launch of ", blocks,
+              " blocks is beyond CUDA's grid limit");
+  return static_cast<unsigned int>(blocks);
+}
+
 FASTNOISE_HD bool aligned(const void* p, size_t bytes) {
   return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
 }

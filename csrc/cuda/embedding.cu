@@ -380,7 +380,7 @@ at::Tensor embedding_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
         at::kHalf, at::kBFloat16, g.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
           auto kernel = scale ? backward_sorted_kernel<scalar_t, true>
                               : backward_sorted_kernel<scalar_t, false>;
-          kernel<<<blocks, kThreads, 0, stream>>>(
+          kernel<<<grid_blocks(blocks), kThreads, 0, stream>>>(
               g.const_data_ptr<scalar_t>(), sorted.const_data_ptr<int64_t>(),
               perm.const_data_ptr<int64_t>(), n, d, num_weights, padding, symmetric, es,
               grad.data_ptr<scalar_t>());

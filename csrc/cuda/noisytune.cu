@@ -2,14 +2,18 @@
 //
 // multi_tensor_apply style, two launches for the whole list (any mix of fp32 / fp16 / bf16 /
 // fp64 tensors):
-//  1. statistics: tensor k gets nb_k = min(256, ceil(groups_k / 256)) blocks; each thread runs
-//     Welford (fp32) over 4-element groups (grid-stride inside its tensor), blocks merge with
-//     Chan's formula (warp shuffles), write one (count, mean, M2) partial, and the last block
-//     of a tensor to finish (threadfence + atomic ticket) merges the partials in block order
-//     (fp64, deterministic) and writes s_k = float32(lam) * std_k (NaN = skip the tensor).
+//  1. statistics: the tensors share a budget of kStatBlockBudget blocks in proportion to their
+//     size (at least 1, at most one group a thread), so every block streams about the same
+//     number of elements and the largest tensor leaves no long tail. Each thread sums
+//     x - x[0] and its square over 4-element groups in fp64 (shifted by the tensor's first
+//     element: no cancellation for a large mean, no division per element), blocks merge
+//     (n, mean, M2) with Chan's formula (warp shuffles), write one fp64 partial, and the last
+//     block of a tensor to finish (threadfence + atomic ticket) merges the partials in block
+//     order (deterministic) and writes s_k = float32(lam) * std_k (NaN = skip the tensor).
 //  2. perturbation: one Philox call per 4 elements, 16-byte packs when aligned.
 // Blocks find their tensor by binary search in a small per-tensor table; extra device memory
-// is O(#tensors) (the table, 256 partials per tensor at most, one ticket and scale each).
+// is the table, one ticket and scale per tensor and at most kStatBlockBudget + #tensors
+// partials of 24 bytes (< 0.5 MiB plus 24 bytes a tensor).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../common.h"
@@ -28,7 +33,7 @@ namespace cuda {
 namespace {
 
 constexpr int kNtThreads = 256;
-constexpr int64_t kMaxStatBlocks = 256;
+constexpr int64_t kStatBlockBudget = 16384;  // ~124 blocks an SM on an H100
 constexpr int64_t kMaxPerturbBlocks = 2048;
 
 // Per-tensor table row (int64 each).
@@ -47,48 +52,60 @@ __device__ __forceinline__ int find_tensor(const int64_t* meta, int T, int64_t b
   return lo;
 }
 
-struct Welford {
-  float n, mean, m2;
+// Count, mean and sum of squared deviations (M2) of values shifted by the tensor's first
+// element; the std does not depend on the shift.
+struct Moments {
+  double n, mean, m2;
 };
 
-__device__ __forceinline__ void welford_add(Welford& w, float x) {
-  w.n += 1.0f;
-  const float delta = x - w.mean;
-  w.mean += delta / w.n;
-  w.m2 += delta * (x - w.mean);
-}
-
-__device__ __forceinline__ Welford welford_merge(const Welford& a, const Welford& b) {
-  if (a.n == 0.0f) return b;
-  if (b.n == 0.0f) return a;
-  Welford r;
+__device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
+  if (a.n == 0.0) return b;
+  if (b.n == 0.0) return a;
+  Moments r;
   r.n = a.n + b.n;
-  const float delta = b.mean - a.mean;
-  const float fb = b.n / r.n;
+  const double delta = b.mean - a.mean;
+  const double fb = b.n / r.n;
   r.mean = a.mean + delta * fb;
   r.m2 = a.m2 + b.m2 + delta * delta * a.n * fb;
   return r;
 }
 
+// This thread's moments of tensor x (block b of nb): plain fp64 sums of y = x - shift and y^2
+// (x and shift are floats, so y is exact in fp64), turned into (n, mean, M2) once at the end.
 template <typename T>
-__device__ __forceinline__ void stats_tensor(const T* x, int64_t numel, int64_t b, int64_t nb,
-                                             Welford& w) {
+__device__ __forceinline__ Moments stats_tensor(const T* x, int64_t numel, int64_t b,
+                                                int64_t nb) {
+  const double shift = static_cast<float>(x[0]);
   const int64_t groups = (numel + 3) / 4;
   const bool vec = aligned(x, sizeof(T) * 4);
+  double n = 0.0, s = 0.0, ss = 0.0;
   for (int64_t q = b * kNtThreads + threadIdx.x; q < groups; q += nb * kNtThreads) {
     const int64_t i0 = q * 4;
     if (vec && i0 + 4 <= numel) {
       const Pack<T, 4> p = *reinterpret_cast<const Pack<T, 4>*>(x + i0);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) welford_add(w, static_cast<float>(p.v[k]));
+      for (int k = 0; k < 4; ++k) {
+        const double y = static_cast<double>(static_cast<float>(p.v[k])) - shift;
+        s += y;
+        ss += y * y;
+      }
+      n += 4.0;
     } else {
-      for (int64_t i = i0; i < numel && i < i0 + 4; ++i) welford_add(w, static_cast<float>(x[i]));
+      for (int64_t i = i0; i < numel && i < i0 + 4; ++i) {
+        const double y = static_cast<double>(static_cast<float>(x[i])) - shift;
+        s += y;
+        ss += y * y;
+        n += 1.0;
+      }
     }
   }
+  if (n == 0.0) return Moments{0.0, 0.0, 0.0};
+  const double mean = s / n;
+  return Moments{n, mean, fmax(ss - s * mean, 0.0)};
 }
 
 __global__ void __launch_bounds__(kNtThreads)
-noisytune_stats_kernel(const int64_t* __restrict__ meta, int T, float* __restrict__ partials,
+noisytune_stats_kernel(const int64_t* __restrict__ meta, int T, double* __restrict__ partials,
                        unsigned int* __restrict__ tickets, float* __restrict__ scale,
                        float lam) {
   const int64_t blk = blockIdx.x;
@@ -98,29 +115,29 @@ noisytune_stats_kernel(const int64_t* __restrict__ meta, int T, float* __restric
   const int64_t nb = row[kStatBlocks];
   const int64_t numel = row[kNumel];
   void* ptr = reinterpret_cast<void*>(row[kPtr]);
-  Welford w{0.f, 0.f, 0.f};
+  Moments w;
   switch (row[kDtype]) {
-    case kF32: stats_tensor(static_cast<const float*>(ptr), numel, b, nb, w); break;
-    case kF16: stats_tensor(static_cast<const at::Half*>(ptr), numel, b, nb, w); break;
-    case kBF16: stats_tensor(static_cast<const at::BFloat16*>(ptr), numel, b, nb, w); break;
-    default: stats_tensor(static_cast<const double*>(ptr), numel, b, nb, w); break;
+    case kF32: w = stats_tensor(static_cast<const float*>(ptr), numel, b, nb); break;
+    case kF16: w = stats_tensor(static_cast<const at::Half*>(ptr), numel, b, nb); break;
+    case kBF16: w = stats_tensor(static_cast<const at::BFloat16*>(ptr), numel, b, nb); break;
+    default: w = stats_tensor(static_cast<const double*>(ptr), numel, b, nb); break;
   }
   // block reduction: warp shuffles, then the first warp over the warps' results
 #pragma unroll
   for (int s = 16; s > 0; s >>= 1) {
-    Welford o{__shfl_down_sync(0xffffffffu, w.n, s), __shfl_down_sync(0xffffffffu, w.mean, s),
+    Moments o{__shfl_down_sync(0xffffffffu, w.n, s), __shfl_down_sync(0xffffffffu, w.mean, s),
               __shfl_down_sync(0xffffffffu, w.m2, s)};
-    w = welford_merge(w, o);
+    w = merge(w, o);
   }
-  __shared__ Welford warp_res[kNtThreads / 32];
+  __shared__ Moments warp_res[kNtThreads / 32];
   __shared__ bool is_last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) warp_res[warp] = w;
   __syncthreads();
   if (threadIdx.x == 0) {
-    Welford acc = warp_res[0];
-    for (int i = 1; i < kNtThreads / 32; ++i) acc = welford_merge(acc, warp_res[i]);
-    float* part = partials + 3 * blk;
+    Moments acc = warp_res[0];
+    for (int i = 1; i < kNtThreads / 32; ++i) acc = merge(acc, warp_res[i]);
+    double* part = partials + 3 * blk;
     part[0] = acc.n;
     part[1] = acc.mean;
     part[2] = acc.m2;
@@ -131,8 +148,8 @@ noisytune_stats_kernel(const int64_t* __restrict__ meta, int T, float* __restric
   __syncthreads();
   if (is_last && threadIdx.x == 0) {
     __threadfence();
-    // merge this tensor's partials in block order, fp64: deterministic
-    const float* part = partials + 3 * row[kStatBegin];
+    // merge this tensor's partials in block order: deterministic
+    const double* part = partials + 3 * row[kStatBegin];
     double n = 0.0, mean = 0.0, m2 = 0.0;
     for (int64_t i = 0; i < nb; ++i) {
       const double pn = __ldcg(part + 3 * i), pmean = __ldcg(part + 3 * i + 1),
@@ -216,21 +233,28 @@ void noisytune_cuda(at::TensorList tensors, double lam, int64_t seed, at::IntArr
               " tensors but ", starts.size(), " start counters");
   if (tensors.empty()) return;
   const c10::Device device = tensors[0].device();
+  int64_t total_groups = 0;  // of the tensors that get perturbed (numel >= 2)
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device() == device, "fastnoise: noisytune_ tensors must share one device (",
+                device, " vs ", t.device(), ")");
+    TORCH_CHECK(t.is_contiguous(), "fastnoise: noisytune_ needs contiguous tensors");
+    if (t.numel() >= 2) total_groups += (t.numel() + 3) / 4;
+  }
   std::vector<int64_t> meta;
   int64_t stat_blocks = 0, pert_blocks = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.device() == device, "fastnoise: noisytune_ tensors must share one device (",
-                device, " vs ", t.device(), ")");
-    TORCH_CHECK(t.is_contiguous(), "fastnoise: noisytune_ needs contiguous tensors");
     const int64_t code = dtype_code(t.scalar_type());
     const int64_t numel = t.numel();
     if (numel < 2) continue;
     const int64_t groups = (numel + 3) / 4;
-    const int64_t per_block = kNtThreads;
-    const int64_t nbs = std::min<int64_t>(kMaxStatBlocks, (groups + per_block - 1) / per_block);
-    const int64_t nbp =
-        std::min<int64_t>(kMaxPerturbBlocks, (groups + per_block - 1) / per_block);
+    const int64_t full = (groups + kNtThreads - 1) / kNtThreads;  // one group a thread
+    // the tensor's share of the stats budget (fp64: no overflow for any real size)
+    const int64_t share = static_cast<int64_t>(std::ceil(
+        static_cast<double>(kStatBlockBudget) * static_cast<double>(groups) /
+        static_cast<double>(total_groups)));
+    const int64_t nbs = std::max<int64_t>(1, std::min(full, share));
+    const int64_t nbp = std::min(kMaxPerturbBlocks, full);
     const int64_t row[kMetaCols] = {reinterpret_cast<int64_t>(t.data_ptr()), numel, starts[i],
                                     code, stat_blocks, nbs, pert_blocks, nbp};
     meta.insert(meta.end(), row, row + kMetaCols);
@@ -248,15 +272,15 @@ void noisytune_cuda(at::TensorList tensors, double lam, int64_t seed, at::IntArr
   const at::Tensor meta_dev =
       meta_host.to(at::TensorOptions().device(device), /*non_blocking=*/true);
   const at::TensorOptions fopt = at::TensorOptions().device(device).dtype(at::kFloat);
-  at::Tensor partials = at::empty({3 * stat_blocks}, fopt);
+  at::Tensor partials = at::empty({3 * stat_blocks}, fopt.dtype(at::kDouble));
   at::Tensor scale = at::empty({T}, fopt);
   at::Tensor tickets = at::zeros({T}, at::TensorOptions().device(device).dtype(at::kInt));
-  noisytune_stats_kernel<<<stat_blocks, kNtThreads, 0, stream>>>(
-      meta_dev.const_data_ptr<int64_t>(), T, partials.data_ptr<float>(),
+  noisytune_stats_kernel<<<grid_blocks(stat_blocks), kNtThreads, 0, stream>>>(
+      meta_dev.const_data_ptr<int64_t>(), T, partials.data_ptr<double>(),
       reinterpret_cast<unsigned int*>(tickets.data_ptr<int>()), scale.data_ptr<float>(),
       static_cast<float>(lam));
   FASTNOISE_KERNEL_LAUNCH_CHECK();
-  noisytune_perturb_kernel<<<pert_blocks, kNtThreads, 0, stream>>>(
+  noisytune_perturb_kernel<<<grid_blocks(pert_blocks), kNtThreads, 0, stream>>>(
       meta_dev.const_data_ptr<int64_t>(), T, scale.const_data_ptr<float>(), as_u64(seed));
   FASTNOISE_KERNEL_LAUNCH_CHECK();
 }

@@ -313,6 +313,17 @@ def _fwd_config(n: int, d: int, noise: int):
     return block_t, block_d, num_warps, grid
 
 
+@functools.lru_cache(maxsize=4096)
+def _bwd_config(n: int, d: int, atomic: bool):
+    """(block_t, block_d, grid): the atomic kernel tiles tokens; the sorted kernel runs one
+    program per sorted position (and column block), block_t unused."""
+    block_d = min(_block_d(d), 512)
+    if atomic:
+        block_t = max(1, min(4096 // block_d, triton.next_power_of_2(n)))
+        return block_t, block_d, (triton.cdiv(n, block_t), triton.cdiv(d, block_d))
+    return 1, block_d, (n, triton.cdiv(d, block_d))
+
+
 def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric,
                             embed_scale=1.0, seed_tensor=None):
     """Write the noisy embedding of flat ids (N,) into out (N, d) or (2N, d) when symmetric.
@@ -359,23 +370,22 @@ def embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, de
     pad = -1 if padding_idx is None else int(padding_idx)
     if pad < 0 and padding_idx is not None:
         pad += num_weights
-    block_d = min(_block_d(d), 512)
+    has_scale = float(embed_scale) != 1.0
     if grad_out.dtype == torch.float32 and not deterministic:
-        block_t = max(1, min(4096 // block_d, triton.next_power_of_2(n)))
-        grid = (triton.cdiv(n, block_t), triton.cdiv(d, block_d))
+        block_t, block_d, grid = _bwd_config(n, d, True)
         _embedding_bwd_atomic_kernel[grid](
             grad_out, ids, out, n, num_weights, d, pad, float(embed_scale),
-            SYMMETRIC=bool(symmetric), HAS_SCALE=float(embed_scale) != 1.0, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
-            enable_fp_fusion=False,
+            SYMMETRIC=bool(symmetric), HAS_SCALE=has_scale, BLOCK_T=block_t, BLOCK_D=block_d,
+            num_warps=4, enable_fp_fusion=False,
         )
         return out
     # half-precision grads (or deterministic): sort + segmented fp32 sums, one write per row
     sorted_ids, perm = torch.sort(ids, stable=True)
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-    grid = (n, triton.cdiv(d, block_d))
+    _, block_d, grid = _bwd_config(n, d, False)
     _embedding_bwd_sorted_kernel[grid](
         grad_out, sorted_ids, perm, run_end, out, n, num_weights, d, pad, float(embed_scale),
-        SYMMETRIC=bool(symmetric), HAS_SCALE=float(embed_scale) != 1.0, BLOCK_R=8, BLOCK_D=block_d, num_warps=4,
-        enable_fp_fusion=False,
+        SYMMETRIC=bool(symmetric), HAS_SCALE=has_scale, BLOCK_R=8, BLOCK_D=block_d,
+        num_warps=4, enable_fp_fusion=False,
     )
     return out

@@ -46,22 +46,60 @@ def _find_tensor(meta_ptr, pid, n_tensors, META: tl.constexpr):
 
 
 @triton.jit
-def _load_f32(ptr_i64, offs, mask, code):
-    if code == 0:
-        x = tl.load(ptr_i64.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
-    elif code == 1:
-        x = tl.load(ptr_i64.to(tl.pointer_type(tl.float16)) + offs, mask=mask,
-                    other=0.0).to(tl.float32)
+def _typed(ptr_i64, ty: tl.constexpr, ALIGNED: tl.constexpr):
+    """The tensor's pointer, typed; ALIGNED (every tensor of the launch starts on 16 bytes)
+    lets loads and stores of whole blocks use 16-byte vectors."""
+    p = ptr_i64.to(tl.pointer_type(ty))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _load_typed(p, offs, full, numel):
+    if full:
+        x = tl.load(p + offs)
     else:
-        x = tl.load(ptr_i64.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask,
-                    other=0.0).to(tl.float32)
+        x = tl.load(p + offs, mask=offs < numel, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store_typed(p, offs, y, full, numel):
+    if full:
+        tl.store(p + offs, y.to(p.dtype.element_ty))
+    else:
+        tl.store(p + offs, y.to(p.dtype.element_ty), mask=offs < numel)
+
+
+@triton.jit
+def _load_f32(ptr_i64, offs, full, numel, code, ALIGNED: tl.constexpr):
+    """x[offs] as float32; ``full`` (the whole block is inside the tensor) loads unmasked,
+    which is what lets the load be vectorized (a mask on an unknown numel is per element)."""
+    if code == 0:
+        x = _load_typed(_typed(ptr_i64, tl.float32, ALIGNED), offs, full, numel)
+    elif code == 1:
+        x = _load_typed(_typed(ptr_i64, tl.float16, ALIGNED), offs, full, numel)
+    else:
+        x = _load_typed(_typed(ptr_i64, tl.bfloat16, ALIGNED), offs, full, numel)
     return x
+
+
+@triton.jit
+def _store_f32(ptr_i64, offs, y, full, numel, code, ALIGNED: tl.constexpr):
+    """x[offs] = y rounded to the tensor's dtype (``full`` as for _load_f32)."""
+    if code == 0:
+        _store_typed(_typed(ptr_i64, tl.float32, ALIGNED), offs, y, full, numel)
+    elif code == 1:
+        _store_typed(_typed(ptr_i64, tl.float16, ALIGNED), offs, y, full, numel)
+    else:
+        _store_typed(_typed(ptr_i64, tl.bfloat16, ALIGNED), offs, y, full, numel)
 
 
 @triton.jit
 def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tensors, lam,
                             META: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                            MERGE_BLOCK: tl.constexpr):
+                            MERGE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     k = _find_tensor(meta_ptr, pid, n_tensors, META)
     ptr = tl.load(meta_ptr + k * META)
@@ -72,7 +110,7 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
     base = c * (BLOCK * ITERS)
     # shift by the tensor's first element: sums of x - shift stay small (no cancellation)
     two = tl.arange(0, 2)
-    shift = tl.sum(_load_f32(ptr, two, two < 1, code))
+    shift = tl.sum(_load_f32(ptr, two, False, 1, code, False))
 
     n = 0.0
     mean = 0.0
@@ -81,7 +119,8 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
     for it in range(steps):
         offs = base + it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
-        y = tl.where(mask, _load_f32(ptr, offs, mask, code) - shift, 0.0)
+        full = base + (it + 1) * BLOCK <= numel
+        y = tl.where(mask, _load_f32(ptr, offs, full, numel, code, ALIGNED) - shift, 0.0)
         cnt = tl.sum(mask.to(tl.float32))
         bmean = tl.sum(y) / cnt
         dev = tl.where(mask, y - bmean, 0.0)
@@ -132,7 +171,8 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
-                              META: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                              META: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                              ALIGNED: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     k = _find_tensor(meta_ptr, pid, n_tensors, META)
     ok = tl.load(stats_ptr + k * 2 + 1)
@@ -153,16 +193,10 @@ def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
                              1, BLOCK // 4)
             u = tl.reshape(u, [BLOCK])
             offs = at + tl.arange(0, BLOCK)
-            mask = offs < numel
-            x = _load_f32(ptr, offs, mask, code)
+            full = at + BLOCK <= numel
+            x = _load_f32(ptr, offs, full, numel, code, ALIGNED)
             y = x + (u - 0.5) * s  # fp fusion is off: rounded like the reference
-            if code == 0:
-                tl.store(ptr.to(tl.pointer_type(tl.float32)) + offs, y, mask=mask)
-            elif code == 1:
-                tl.store(ptr.to(tl.pointer_type(tl.float16)) + offs, y.to(tl.float16), mask=mask)
-            else:
-                tl.store(ptr.to(tl.pointer_type(tl.bfloat16)) + offs, y.to(tl.bfloat16),
-                         mask=mask)
+            _store_f32(ptr, offs, y, full, numel, code, ALIGNED)
 
 
 def _as_i64(x: int) -> int:
@@ -192,13 +226,16 @@ def noisytune_(tensors, lam, *, seed, starts):
     partials = torch.empty(first * 2, dtype=torch.float32, device=device)
     arrive = torch.zeros(k, dtype=torch.int32, device=device)
     stats = torch.empty(k * 2, dtype=torch.float32, device=device)
+    # separate allocations start on 16 bytes; views at an odd offset take the scalar path
+    aligned = all(row[0] % 16 == 0 for row in rows)
     _noisytune_stats_kernel[(first,)](
         meta, partials, arrive, stats, k, float(lam),
-        META=_META, BLOCK=BLOCK, ITERS=ITERS, MERGE_BLOCK=MERGE_BLOCK, num_warps=4,
-        enable_fp_fusion=False,
+        META=_META, BLOCK=BLOCK, ITERS=ITERS, MERGE_BLOCK=MERGE_BLOCK, ALIGNED=aligned,
+        num_warps=4, enable_fp_fusion=False,
     )
     seed_lo, seed_hi = _split64(seed)
     _noisytune_perturb_kernel[(first,)](
         meta, stats, k, seed_lo, seed_hi,
-        META=_META, BLOCK=BLOCK, ITERS=ITERS, num_warps=4, enable_fp_fusion=False,
+        META=_META, BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned, num_warps=4,
+        enable_fp_fusion=False,
     )
