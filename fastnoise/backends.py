@@ -42,8 +42,22 @@ import torch
 from . import reference
 
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
-#: "auto" tries these in order, per device type; the first available wins
-AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+#: the ops a backend runs; "auto" resolves each on its own
+OPS = ("forward", "backward", "noisytune")
+#: "auto" tries these in order, per device type and op; the first available wins. Per op
+#: because the fastest backend can differ by op: ``python -m fastnoise bench`` times every
+#: backend on every op and prints the fastest next to auto's pick, so this table follows
+#: measurements (bench/RESULTS.md). On CUDA it is Triton first until a GPU run says otherwise.
+AUTO_ORDER = {
+    "cuda": {op: ("triton", "cuda", "reference") for op in OPS},
+    "cpu": {op: ("cpu", "reference") for op in OPS},
+}
+
+
+def auto_order(device_type: str, op: str = "forward"):
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    return AUTO_ORDER.get(device_type, {}).get(op, ("reference",))
 
 
 class BackendUnavailableError(RuntimeError):
@@ -138,10 +152,12 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def available_backends(device="cpu", dtype: Optional[torch.dtype] = None) -> List[str]:
-    """Names of the backends that can run on ``device`` (and weight ``dtype``), auto's pick first."""
+def available_backends(device="cpu", dtype: Optional[torch.dtype] = None,
+                       op: str = "forward") -> List[str]:
+    """Names of the backends that can run on ``device`` (and weight ``dtype``), auto's pick
+    for ``op`` first."""
     device = torch.device(device)
-    order = list(AUTO_ORDER.get(device.type, ("reference",)))
+    order = list(auto_order(device.type, op))
     names = order + [n for n in _REGISTRY if n not in order]
     return [n for n in names if _REGISTRY[n].unavailable_reason(device, dtype) is None]
 
@@ -149,24 +165,31 @@ def available_backends(device="cpu", dtype: Optional[torch.dtype] = None) -> Lis
 _RESOLVED: Dict[tuple, object] = {}
 
 
-def resolve_backend(name: str, device, dtype: Optional[torch.dtype] = None):
-    """The backend object for ``name`` ("auto" included) on ``device``; raises if unavailable.
+def resolve_backend(name: str, device, dtype: Optional[torch.dtype] = None,
+                    op: str = "forward"):
+    """The backend object for ``name`` ("auto" included, resolved per ``op``) on ``device``;
+    raises if unavailable.
 
     Successful answers are cached (this runs on every call); a backend replaced in the
     registry (tests plant doubles) is looked up again.
     """
-    key = (name, str(device), dtype, os.environ.get("TRITON_INTERPRET"))
+    key = (name, str(device), dtype, op, os.environ.get("TRITON_INTERPRET"))
     hit = _RESOLVED.get(key)
     if hit is not None and _REGISTRY.get(hit.name) is hit:
         return hit
-    chosen = _resolve(name, torch.device(device), dtype)
+    chosen = _resolve(name, torch.device(device), dtype, op)
     _RESOLVED[key] = chosen
     return chosen
 
 
-def _resolve(name: str, device: torch.device, dtype: Optional[torch.dtype]):
+def clear_cache() -> None:
+    """Forget resolved backends (after editing AUTO_ORDER at run time)."""
+    _RESOLVED.clear()
+
+
+def _resolve(name: str, device: torch.device, dtype: Optional[torch.dtype], op: str):
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        for candidate in auto_order(device.type, op):
             if _REGISTRY[candidate].unavailable_reason(device, dtype) is None:
                 return _REGISTRY[candidate]
         return _REGISTRY["reference"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .backends import available_backends, triton_interpreter_enabled
+from .backends import available_backends, resolve_backend, triton_interpreter_enabled
 from .functional import noisy_embedding, noisytune_
 
 GPU_SHAPES = [(8, 2048, 4096, 32000), (4, 4096, 4096, 128256), (16, 512, 2048, 50257),
@@ -140,10 +140,15 @@ def fast_backends(device: torch.device, dtype) -> List[str]:
     return names + ["reference"] if device.type == "cpu" else names
 
 
+def results_dtype(device: torch.device) -> torch.dtype:
+    """The weight dtype the bench uses by default: bf16 on a GPU, fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def run_bench(device, quick=False, shapes=None, dtype=None, compile_peers=True,
               progress: Optional[Callable[[str], None]] = None) -> List[Result]:
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or results_dtype(device)
     if shapes is None:
         shapes = {("cuda", False): GPU_SHAPES, ("cuda", True): QUICK_GPU_SHAPES,
                   ("cpu", False): CPU_SHAPES, ("cpu", True): QUICK_CPU_SHAPES}[
@@ -256,6 +261,32 @@ def format_table(results: List[Result]) -> str:
     return "\n".join(lines)
 
 
+def op_of(workload: str) -> str:
+    """The op a workload times (forward + backward is where the backward's pick shows)."""
+    if workload.startswith("forward+backward"):
+        return "backward"
+    return "noisytune" if workload.startswith("noisytune") else "forward"
+
+
+def format_auto_picks(results: List[Result], device, dtype) -> str:
+    """Per workload: the fastest backend measured and what "auto" picks for that op, so the
+    AUTO_ORDER table can follow the numbers."""
+    lines = ["auto's pick per op vs the fastest backend measured:"]
+    for workload in dict.fromkeys(r.workload for r in results):
+        mine = {r.impl[len("fastnoise["):-1]: r for r in results
+                if r.workload == workload and r.impl.startswith("fastnoise[")}
+        if not mine:
+            continue
+        op = op_of(workload)
+        best = min(mine.values(), key=lambda r: r.ms)
+        pick = resolve_backend("auto", device, dtype, op=op).name
+        note = (f"auto ({op}) picks {pick}" if pick not in mine else
+                f"auto ({op}) picks {pick}: " + ("the fastest" if mine[pick] is best else
+                                                 f"{mine[pick].ms / best.ms:.2f}x the fastest"))
+        lines.append(f"{workload:44s} fastest {best.impl:22s} {note}")
+    return "\n".join(lines)
+
+
 def write_csv(results: List[Result], path: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -339,6 +370,7 @@ def main(argv=None) -> int:
                                    progress=progress)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (bytes read + written)")
     print(format_table(results))
+    print(format_auto_picks(results, device, results_dtype(device)))
     if args.csv:
         write_csv(results, args.csv)
         print(f"wrote {args.csv}")

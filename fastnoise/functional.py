@@ -373,7 +373,7 @@ def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor
             continue
         groups.setdefault((t.device, t.dtype), []).append((t, start))
     for (device, dtype), members in groups.items():
-        resolve_backend(backend, device, dtype)  # unavailable: raise before touching any
+        resolve_backend(backend, device, dtype, op="noisytune")  # raise before touching any
         work = [t if t.is_contiguous() else t.contiguous() for t, _ in members]
         ops.apply_noisytune_(work, lam, ops.as_int64(seed),
                              [ops.as_int64(s) for _, s in members], backend)

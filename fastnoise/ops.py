@@ -83,7 +83,7 @@ def _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetri
 
 
 def _backward(grad_out, ids, num_weights, padding_idx, symmetric, backend, embed_scale):
-    chosen = resolve_backend(backend, grad_out.device, grad_out.dtype)
+    chosen = resolve_backend(backend, grad_out.device, grad_out.dtype, op="backward")
     return chosen.embedding_backward(
         grad_out.contiguous(), ids, num_weights,
         padding_idx=None if padding_idx < 0 else padding_idx, symmetric=symmetric,
@@ -186,7 +186,7 @@ def apply_noisytune_(tensors: List[torch.Tensor], lam: float, seed: int, starts:
     counter ``starts[k]``."""
     if not tensors:
         return
-    chosen = resolve_backend(backend, tensors[0].device, tensors[0].dtype)
+    chosen = resolve_backend(backend, tensors[0].device, tensors[0].dtype, op="noisytune")
     chosen.noisytune_(list(tensors), lam, seed=as_uint64(seed),
                       starts=[as_uint64(s) for s in starts])
 

@@ -172,6 +172,29 @@ def test_available_backends():
     assert all(n in ("reference", "triton", "cuda", "cpu") for n in names)
 
 
+def test_auto_resolves_each_op_on_its_own(monkeypatch):
+    from fastnoise import backends
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu",
+                        {"forward": ("cpu", "reference"), "backward": ("reference",),
+                         "noisytune": ("reference",)})
+    backends.clear_cache()
+    try:
+        assert backends.resolve_backend("auto", "cpu", torch.float32).name == "cpu"
+        for op in ("backward", "noisytune"):
+            assert backends.resolve_backend("auto", "cpu", torch.float32, op=op).name == "reference"
+        assert fastnoise.available_backends("cpu", op="backward")[0] == "reference"
+        # the forward and its gradient may run on different backends and still agree
+        ids, weight = _inputs()
+        w = weight.clone().requires_grad_()
+        fastnoise.noisy_embedding(ids, w, seed=3).sum().backward()
+        assert torch.equal(w.grad, R.embedding_backward(torch.ones(ids.numel(), weight.shape[1]),
+                                                        ids.reshape(-1), weight.shape[0]))
+        with pytest.raises(ValueError, match="unknown op"):
+            backends.resolve_backend("auto", "cpu", op="sideways")
+    finally:
+        backends.clear_cache()
+
+
 def test_packed_sequences_use_each_segment_length():
     ids, weight = _inputs(batch=2, length=6, d=16)
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])

@@ -56,7 +56,8 @@ def variants():
                "w_row_stride": "i32", "mag": "fp32", "embed_scale": "fp32", "seed_lo": "i32",
                "seed_hi": "i32", "off_lo": "i32", "off_hi": "i32"}
         const = dict(NOISE=code, HAS_TOK_MAG=False, SYMMETRIC=False, HAS_SCALE=False,
-                     SEED_FROM_PTR=False, BLOCK_T=block_t, BLOCK_D=block_d)
+                     SEED_FROM_PTR=False, BLOCK_T=block_t, BLOCK_D=block_d,
+                     VEC=4 if dtype == "fp32" else 8)
         const.update(extra)
         ints = dict(N=n, V=V, d=d, w_row_stride=d)
         yield E._noisy_embedding_fwd_kernel, "forward " + name, sig, const, ints, num_warps
@@ -74,21 +75,22 @@ def variants():
                 "run_end_ptr": "*i64", "out_ptr": "*" + dtype, "N": "i32", "V": "i32",
                 "d": "i32", "padding_idx": "i32", "embed_scale": "fp32"},
                dict(SYMMETRIC=True, HAS_SCALE=True, BLOCK_R=8, BLOCK_D=block_d), ints, 4)
-    for aligned in (True, False):
-        yield from _noisytune_variants(aligned)
+    for dtype, code in (("fp32", 0), ("fp16", 1), ("bf16", 2)):
+        yield from _noisytune_variants(dtype, code, True)
+    yield from _noisytune_variants("bf16", 2, False)
 
 
-def _noisytune_variants(aligned):
-    name = "" if aligned else " unaligned"
+def _noisytune_variants(dtype, code, aligned):
+    name = f" {dtype}" + ("" if aligned else " unaligned")
     yield (NT._noisytune_stats_kernel, "noisytune stats" + name,
            {"meta_ptr": "*i64", "partial_ptr": "*fp32", "arrive_ptr": "*i32",
             "stats_ptr": "*fp32", "n_tensors": "i32", "lam": "fp32"},
            dict(META=NT._META, BLOCK=NT.BLOCK, ITERS=NT.ITERS, MERGE_BLOCK=NT.MERGE_BLOCK,
-                ALIGNED=aligned), dict(n_tensors=147), 4)
+                DTYPE=code, ALIGNED=aligned), dict(n_tensors=147), 4)
     yield (NT._noisytune_perturb_kernel, "noisytune perturb" + name,
            {"meta_ptr": "*i64", "stats_ptr": "*fp32", "n_tensors": "i32", "seed_lo": "i32",
             "seed_hi": "i32"},
-           dict(META=NT._META, BLOCK=NT.BLOCK, ITERS=NT.ITERS, ALIGNED=aligned),
+           dict(META=NT._META, BLOCK=NT.BLOCK, ITERS=NT.ITERS, DTYPE=code, ALIGNED=aligned),
            dict(n_tensors=147), 4)
 
 

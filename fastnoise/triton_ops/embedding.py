@@ -4,11 +4,17 @@ The noise follows the randomness contract of :mod:`fastnoise.reference` bit for 
 to ~1e-6): element (r, j) of a row of width d uses counter ``offset + r * G + j // PER``,
 PER = 4 (uniform, gaussian: word j % 4) or 128 (bernoulli: word (j % 128) // 32, bit j % 32).
 
-Why 2-D tiles and ``philox`` on counters, not ``tl.rand`` on elements: one Philox call costs
-~30 integer ops; calling it once per element makes the kernel compute bound (~40% of copy
-bandwidth on an H100). One call per 4 elements (uniform/gaussian) or per 128 elements
-(bernoulli, one bit each) keeps it memory bound, so the noise is nearly free next to the
-gather. The 4 words (or 128 bits) are interleaved back into columns with join/reshape.
+Why tiles of counters, not ``tl.rand`` on elements: one Philox call costs ~30 integer ops;
+calling it once per element makes the kernel compute bound (~40% of copy bandwidth on an
+H100). One call per 4 elements (uniform/gaussian) or per 128 elements (bernoulli, one bit
+each) keeps it memory bound, so the noise is nearly free next to the gather.
+
+The forward works on [token, group, VEC] tiles, a group being the VEC columns of one 16-byte
+access (4 fp32 or 8 fp16/bf16). The words of a group's counters are joined into the group
+in registers (join adds in-thread dims), so noise and data share a layout: 16-byte loads
+and stores and no layout conversion through shared memory (a flat [token, column] tile of
+fp16/bf16 rows cost 8 KB of shared memory and 7 barriers a tile: tests/
+triton_compile_worker.py reports both).
 
 ``embed_scale`` != 1 (Gemma's scaled embedding) is the constexpr HAS_SCALE: the forward
 rounds ``e = dtype(e * embed_scale)`` before the noise, the backward multiplies each fp32
@@ -130,36 +136,73 @@ def _interleave4(a0, a1, a2, a3, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _words4(a0, a1, a2, a3):
+    """[T, G] x 4 -> [T, G, 4] with [:, :, i] = a_i: the 4 values of each counter side by
+    side in one thread's registers (join adds a minor in-thread dim; see _interleave4)."""
+    x = tl.join(tl.join(a0, a2), tl.join(a1, a3))
+    return tl.reshape(x, [a0.shape[0], a0.shape[1], 4])
+
+
+@triton.jit
+def _counter_values(ctr, seed_lo, seed_hi, KIND: tl.constexpr):
+    """The 4 values of each counter, [T, G, 4]: U(-1, 1) (KIND 0, NEFTune), N(0, 1) (KIND 1)
+    or U[0, 1) (KIND 3, NoisyTune)."""
+    w0, w1, w2, w3 = _philox4x32(ctr, seed_lo, seed_hi)
+    if KIND == 1:
+        n0, n1 = _box_muller(_uniform01(w0), _uniform01(w1))
+        n2, n3 = _box_muller(_uniform01(w2), _uniform01(w3))
+        x = _words4(n0, n1, n2, n3)
+    elif KIND == 3:
+        x = _words4(_uniform01(w0), _uniform01(w1), _uniform01(w2), _uniform01(w3))
+    else:
+        x = _words4(_uniform01(w0) * 2.0 - 1.0, _uniform01(w1) * 2.0 - 1.0,
+                    _uniform01(w2) * 2.0 - 1.0, _uniform01(w3) * 2.0 - 1.0)
+    return x
+
+
+@triton.jit
+def _group_values(ctr, seed_lo, seed_hi, KIND: tl.constexpr, CPG: tl.constexpr):
+    """[T, G, 4 * CPG]: group g holds the values of counters ctr[g], ctr[g] + 1, ... (CPG of
+    them, 1 or 2), in counter order: element 4 * i + w of a group is word w of counter i."""
+    x = _counter_values(ctr, seed_lo, seed_hi, KIND)
+    if CPG == 2:
+        # join makes the counter index the minor dim; permute puts it first, then flatten
+        hi = _counter_values(ctr + 1, seed_lo, seed_hi, KIND)
+        x = tl.reshape(tl.permute(tl.join(x, hi), [0, 1, 3, 2]),
+                       [x.shape[0], x.shape[1], 8])
+    return x
+
+
+@triton.jit
 def _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi,
-                NOISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Unscaled noise xi, float32 [BLOCK_T, BLOCK_D], of token rows ``rows`` (int64) and
-    columns pid_d * BLOCK_D + [0, BLOCK_D)."""
+                NOISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                VEC: tl.constexpr):
+    """Unscaled noise xi, float32 [BLOCK_T, BLOCK_D // VEC, VEC], of token rows ``rows``
+    (int64) and columns pid_d * BLOCK_D + [0, BLOCK_D): group g holds columns VEC*g + [0, VEC).
+
+    A thread holds whole groups, like the 16-byte loads and stores of the row tiles (VEC = 4
+    fp32, 8 fp16/bf16 elements), so the noise meets the data without a trip through shared
+    memory. Uniform/Gaussian: a group is VEC // 4 counters, 4 words each.
+    """
     off = _u64(off_lo, off_hi)
+    NG: tl.constexpr = BLOCK_D // VEC
     if NOISE == 2:
         # bernoulli: one counter per 128 columns, one bit per column
         NC: tl.constexpr = BLOCK_D // 128
-        g = (d + 127) // 128
-    else:
-        NC: tl.constexpr = BLOCK_D // 4
-        g = (d + 3) // 4
-    cidx = (pid_d * NC + tl.arange(0, NC)).to(tl.uint64)
-    # uint64 * (i32 or constexpr d) promotes to uint64; the sum wraps mod 2**64
-    ctr = off + (rows.to(tl.uint64)[:, None] * g + cidx[None, :])
-    w0, w1, w2, w3 = _philox4x32(ctr, seed_lo, seed_hi)
-    if NOISE == 2:
+        cidx = (pid_d * NC + tl.arange(0, NC)).to(tl.uint64)
+        ctr = off + (rows.to(tl.uint64)[:, None] * ((d + 127) // 128) + cidx[None, :])
+        w0, w1, w2, w3 = _philox4x32(ctr, seed_lo, seed_hi)
         words = _interleave4(w0, w1, w2, w3, BLOCK_T, NC)  # [T, BLOCK_D // 32]
         words = tl.broadcast_to(words[:, :, None], [BLOCK_T, NC * 4, 32])
         shift = tl.arange(0, 32).to(tl.uint32)[None, None, :]
-        bits = tl.reshape((words >> shift) & 1, [BLOCK_T, BLOCK_D])
+        bits = tl.reshape((words >> shift) & 1, [BLOCK_T, NG, VEC])
         xi = 1.0 - 2.0 * bits.to(tl.float32)
-    elif NOISE == 1:
-        n0, n1 = _box_muller(_uniform01(w0), _uniform01(w1))
-        n2, n3 = _box_muller(_uniform01(w2), _uniform01(w3))
-        xi = _interleave4(n0, n1, n2, n3, BLOCK_T, NC)
     else:
-        xi = _interleave4(_uniform01(w0) * 2.0 - 1.0, _uniform01(w1) * 2.0 - 1.0,
-                          _uniform01(w2) * 2.0 - 1.0, _uniform01(w3) * 2.0 - 1.0,
-                          BLOCK_T, NC)
+        CPG: tl.constexpr = VEC // 4  # counters a group
+        first = (pid_d * NG + tl.arange(0, NG)).to(tl.uint64) * CPG
+        # uint64 * (i32 or constexpr d) promotes to uint64; the sum wraps mod 2**64
+        ctr = off + (rows.to(tl.uint64)[:, None] * ((d + 3) // 4) + first[None, :])
+        xi = _group_values(ctr, seed_lo, seed_hi, NOISE, CPG)
     return xi
 
 
@@ -173,27 +216,28 @@ def _noisy_embedding_fwd_kernel(
     seed_lo, seed_hi, off_lo, off_hi,
     NOISE: tl.constexpr, HAS_TOK_MAG: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_SCALE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
+    # [token, group, VEC] tiles: each thread moves whole 16-byte groups of a row
+    NG: tl.constexpr = BLOCK_D // VEC
     rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = (pid_d * NG + tl.arange(0, NG))[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
     row_mask = rows < N
-    mask = row_mask[:, None] & (cols < d)[None, :]
+    mask = row_mask[:, None, None] & (cols < d)
 
     # ids are validated by the frontend, except inside a captured CUDA graph (no sync): an
     # out-of-range id is never read, and its whole output row is NaN (never a silent clamp)
     ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    valid = (ids >= 0) & (ids < V)
-    ids = tl.where(valid, ids, 0)
-    e = tl.load(w_ptr + ids[:, None] * w_row_stride + cols[None, :],
-                mask=mask & valid[:, None], other=0.0)
+    valid = ((ids >= 0) & (ids < V))[:, None, None]
+    ids = tl.where(valid, ids[:, None, None], 0)
+    e = tl.load(w_ptr + ids * w_row_stride + cols, mask=mask & valid, other=0.0)
     e = e.to(tl.float32)
     if HAS_SCALE:
         # Gemma: the row times embed_scale (fp32), rounded once to the weight dtype
         e = (e * embed_scale).to(w_ptr.dtype.element_ty).to(tl.float32)
-    e = tl.where(valid[:, None], e, float("nan"))
+    e = tl.where(valid, e, float("nan"))
 
     if SEED_FROM_PTR:
         # CUDA-graph-safe seed: the uint64 bits of an int64 device tensor, read at run time
@@ -202,19 +246,20 @@ def _noisy_embedding_fwd_kernel(
         seed_lo = s64.to(tl.uint32)  # truncates: the low word
         seed_hi = (s64 >> 32).to(tl.uint32)
 
-    xi = _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi, NOISE, BLOCK_T, BLOCK_D)
+    xi = _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi, NOISE, BLOCK_T, BLOCK_D,
+                     VEC)
     if HAS_TOK_MAG:
-        scale = tl.load(tok_mag_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        scale = tl.load(tok_mag_ptr + rows, mask=row_mask, other=0.0)[:, None, None]
     else:
         scale = mag
     n = xi * scale  # rounded once: the launch turns fp fusion off, so no FMA with the add
 
-    out_offs = rows[:, None] * d + cols[None, :]
+    rows = rows[:, None, None]
     ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + out_offs, (e + n).to(ty), mask=mask)
+    tl.store(out_ptr + rows * d + cols, (e + n).to(ty), mask=mask)
     if SYMMETRIC:
         # the pair's second half reuses the same gathered row and the same draw
-        tl.store(out_ptr + (rows[:, None] + N) * d + cols[None, :], (e - n).to(ty), mask=mask)
+        tl.store(out_ptr + (rows + N) * d + cols, (e - n).to(ty), mask=mask)
 
 
 @triton.jit
@@ -355,7 +400,8 @@ def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offs
         seed_lo, seed_hi, off_lo, off_hi,
         NOISE=code, HAS_TOK_MAG=has_tok, SYMMETRIC=bool(symmetric),
         HAS_SCALE=float(embed_scale) != 1.0, SEED_FROM_PTR=from_ptr, BLOCK_T=block_t,
-        BLOCK_D=block_d, num_warps=num_warps, enable_fp_fusion=False,
+        BLOCK_D=block_d, VEC=16 // weight.element_size(), num_warps=num_warps,
+        enable_fp_fusion=False,
     )
     return out
 

@@ -1,9 +1,11 @@
 """NoisyTune: W += (u - 0.5) * lam * std(W) for many tensors, in two multi-tensor launches.
 
-Work is cut into chunks of CHUNK elements; the chunks of all tensors form one flat grid, and a
-program finds its tensor by binary search over the chunks' prefix sums in a small int64 table
-(data_ptr, numel, start counter, dtype code, first chunk), cast to a typed pointer in-kernel,
-so mixed sizes and dtypes (fp32/fp16/bf16) share each launch.
+Work is cut into chunks of CHUNK elements; the chunks of all tensors of one dtype form one
+flat grid, and a program finds its tensor by binary search over the chunks' prefix sums in a
+small int64 table (data_ptr, numel, start counter, first chunk), cast to a pointer of the
+launch's dtype in-kernel. Mixed sizes share each launch; mixed dtypes (fp32/fp16/bf16) get
+one pair of launches per dtype, so the dtype is a compile-time constant and each thread's
+random words can be laid out like its 16-byte vectors of data (no shared-memory shuffle).
 
 1. stats: each chunk computes (mean, M2) of its elements shifted by the tensor's first
    element (the shift keeps sums small for tensors with a large mean), block by block with a
@@ -21,13 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .embedding import _interleave4, _philox4x32, _split64, _u64, _uniform01
+from .embedding import _group_values, _split64
 
 BLOCK = 1024  # elements a step (256 Philox counters)
 ITERS = 32  # steps a chunk
 CHUNK = BLOCK * ITERS
 MERGE_BLOCK = 1024
-_META = 5  # int64 fields a tensor: ptr, numel, start, dtype code, first chunk
+_META = 4  # int64 fields a tensor: ptr, numel, start, first chunk
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -38,7 +40,7 @@ def _find_tensor(meta_ptr, pid, n_tensors, META: tl.constexpr):
     hi = lo + n_tensors
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        first = tl.load(meta_ptr + mid * META + 4)
+        first = tl.load(meta_ptr + mid * META + 3)
         go_right = first <= pid
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid)
@@ -73,12 +75,12 @@ def _store_typed(p, offs, y, full, numel):
 
 
 @triton.jit
-def _load_f32(ptr_i64, offs, full, numel, code, ALIGNED: tl.constexpr):
+def _load_f32(ptr_i64, offs, full, numel, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """x[offs] as float32; ``full`` (the whole block is inside the tensor) loads unmasked,
     which is what lets the load be vectorized (a mask on an unknown numel is per element)."""
-    if code == 0:
+    if DTYPE == 0:
         x = _load_typed(_typed(ptr_i64, tl.float32, ALIGNED), offs, full, numel)
-    elif code == 1:
+    elif DTYPE == 1:
         x = _load_typed(_typed(ptr_i64, tl.float16, ALIGNED), offs, full, numel)
     else:
         x = _load_typed(_typed(ptr_i64, tl.bfloat16, ALIGNED), offs, full, numel)
@@ -86,11 +88,11 @@ def _load_f32(ptr_i64, offs, full, numel, code, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _store_f32(ptr_i64, offs, y, full, numel, code, ALIGNED: tl.constexpr):
+def _store_f32(ptr_i64, offs, y, full, numel, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """x[offs] = y rounded to the tensor's dtype (``full`` as for _load_f32)."""
-    if code == 0:
+    if DTYPE == 0:
         _store_typed(_typed(ptr_i64, tl.float32, ALIGNED), offs, y, full, numel)
-    elif code == 1:
+    elif DTYPE == 1:
         _store_typed(_typed(ptr_i64, tl.float16, ALIGNED), offs, y, full, numel)
     else:
         _store_typed(_typed(ptr_i64, tl.bfloat16, ALIGNED), offs, y, full, numel)
@@ -99,18 +101,18 @@ def _store_f32(ptr_i64, offs, y, full, numel, code, ALIGNED: tl.constexpr):
 @triton.jit
 def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tensors, lam,
                             META: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                            MERGE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                            MERGE_BLOCK: tl.constexpr, DTYPE: tl.constexpr,
+                            ALIGNED: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     k = _find_tensor(meta_ptr, pid, n_tensors, META)
     ptr = tl.load(meta_ptr + k * META)
     numel = tl.load(meta_ptr + k * META + 1)
-    code = tl.load(meta_ptr + k * META + 3)
-    first = tl.load(meta_ptr + k * META + 4)
+    first = tl.load(meta_ptr + k * META + 3)
     c = pid - first
     base = c * (BLOCK * ITERS)
     # shift by the tensor's first element: sums of x - shift stay small (no cancellation)
     two = tl.arange(0, 2)
-    shift = tl.sum(_load_f32(ptr, two, False, 1, code, False))
+    shift = tl.sum(_load_f32(ptr, two, False, 1, DTYPE, False))
 
     n = 0.0
     mean = 0.0
@@ -120,7 +122,7 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
         offs = base + it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         full = base + (it + 1) * BLOCK <= numel
-        y = tl.where(mask, _load_f32(ptr, offs, full, numel, code, ALIGNED) - shift, 0.0)
+        y = tl.where(mask, _load_f32(ptr, offs, full, numel, DTYPE, ALIGNED) - shift, 0.0)
         cnt = tl.sum(mask.to(tl.float32))
         bmean = tl.sum(y) / cnt
         dev = tl.where(mask, y - bmean, 0.0)
@@ -172,7 +174,7 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
                               META: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                              ALIGNED: tl.constexpr):
+                              DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     k = _find_tensor(meta_ptr, pid, n_tensors, META)
     ok = tl.load(stats_ptr + k * 2 + 1)
@@ -181,22 +183,23 @@ def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
         ptr = tl.load(meta_ptr + k * META)
         numel = tl.load(meta_ptr + k * META + 1)
         start = tl.load(meta_ptr + k * META + 2).to(tl.uint64, bitcast=True)
-        code = tl.load(meta_ptr + k * META + 3)
-        first = tl.load(meta_ptr + k * META + 4)
+        first = tl.load(meta_ptr + k * META + 3)
         base = (pid - first) * (BLOCK * ITERS)
         steps = tl.cdiv(tl.minimum(numel - base, BLOCK * ITERS), BLOCK)
+        # [1, group, VEC] tiles: a group is one 16-byte vector (4 fp32 or 8 fp16/bf16
+        # elements: 1 or 2 counters), and its random words join it in the same registers
+        VEC: tl.constexpr = 4 if DTYPE == 0 else 8
+        NG: tl.constexpr = BLOCK // VEC
+        grp = tl.arange(0, NG)[None, :]
         for it in range(steps):
-            at = base + it * BLOCK  # a multiple of 4: its counters are start + at // 4 + c
-            ctr = start + (at // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint64)
-            w0, w1, w2, w3 = _philox4x32(ctr[None, :], seed_lo, seed_hi)
-            u = _interleave4(_uniform01(w0), _uniform01(w1), _uniform01(w2), _uniform01(w3),
-                             1, BLOCK // 4)
-            u = tl.reshape(u, [BLOCK])
-            offs = at + tl.arange(0, BLOCK)
+            at = base + it * BLOCK  # a multiple of 8: its counters are start + at // 4 + c
+            ctr = start + (at // 4 + (VEC // 4) * grp).to(tl.uint64)
+            u = _group_values(ctr, seed_lo, seed_hi, 3, VEC // 4)  # U[0, 1), [1, NG, VEC]
+            offs = at + grp[:, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
             full = at + BLOCK <= numel
-            x = _load_f32(ptr, offs, full, numel, code, ALIGNED)
+            x = _load_f32(ptr, offs, full, numel, DTYPE, ALIGNED)
             y = x + (u - 0.5) * s  # fp fusion is off: rounded like the reference
-            _store_f32(ptr, offs, y, full, numel, code, ALIGNED)
+            _store_f32(ptr, offs, y, full, numel, DTYPE, ALIGNED)
 
 
 def _as_i64(x: int) -> int:
@@ -205,22 +208,29 @@ def _as_i64(x: int) -> int:
 
 
 def noisytune_(tensors, lam, *, seed, starts):
-    """Perturb every tensor in place; tensor k draws from counter starts[k] on."""
-    rows, first = [], 0
+    """Perturb every tensor in place; tensor k draws from counter starts[k] on. Two launches
+    per dtype present."""
+    by_dtype = {}
     for t, start in zip(tensors, starts):
-        numel = t.numel()
-        if numel == 0:
+        if t.numel() == 0:
             continue
         if t.dtype not in _DTYPE_CODES:
             raise TypeError(f"noisytune_: dtype {t.dtype} not supported by the triton backend "
                             "(float32, float16, bfloat16)")
         if not t.is_contiguous():
             raise ValueError("noisytune_: the triton backend needs contiguous tensors")
-        rows.append((t.data_ptr(), numel, _as_i64(start), _DTYPE_CODES[t.dtype], first))
-        first += triton.cdiv(numel, CHUNK)
-    if not rows:
-        return
-    device = tensors[0].device
+        by_dtype.setdefault(t.dtype, []).append((t, start))
+    seed_lo, seed_hi = _split64(seed)
+    for dtype, members in by_dtype.items():
+        _launch(members, float(lam), seed_lo, seed_hi, _DTYPE_CODES[dtype])
+
+
+def _launch(members, lam, seed_lo, seed_hi, dtype_code):
+    rows, first = [], 0
+    for t, start in members:
+        rows.append((t.data_ptr(), t.numel(), _as_i64(start), first))
+        first += triton.cdiv(t.numel(), CHUNK)
+    device = members[0][0].device
     meta = torch.tensor(rows, dtype=torch.int64).to(device)
     k = len(rows)
     partials = torch.empty(first * 2, dtype=torch.float32, device=device)
@@ -229,13 +239,12 @@ def noisytune_(tensors, lam, *, seed, starts):
     # separate allocations start on 16 bytes; views at an odd offset take the scalar path
     aligned = all(row[0] % 16 == 0 for row in rows)
     _noisytune_stats_kernel[(first,)](
-        meta, partials, arrive, stats, k, float(lam),
-        META=_META, BLOCK=BLOCK, ITERS=ITERS, MERGE_BLOCK=MERGE_BLOCK, ALIGNED=aligned,
-        num_warps=4, enable_fp_fusion=False,
+        meta, partials, arrive, stats, k, lam,
+        META=_META, BLOCK=BLOCK, ITERS=ITERS, MERGE_BLOCK=MERGE_BLOCK, DTYPE=dtype_code,
+        ALIGNED=aligned, num_warps=4, enable_fp_fusion=False,
     )
-    seed_lo, seed_hi = _split64(seed)
     _noisytune_perturb_kernel[(first,)](
         meta, stats, k, seed_lo, seed_hi,
-        META=_META, BLOCK=BLOCK, ITERS=ITERS, ALIGNED=aligned, num_warps=4,
+        META=_META, BLOCK=BLOCK, ITERS=ITERS, DTYPE=dtype_code, ALIGNED=aligned, num_warps=4,
         enable_fp_fusion=False,
     )
