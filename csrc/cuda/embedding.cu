@@ -15,9 +15,9 @@
 // SCALE (embed_scale != 1, Gemma): e = T(e * embed_scale) before the noise; the unscaled
 // instantiations are the plain kernels.
 //
-// Backward: deterministic -> stable sort of the ids (at::sort), one warp per run of equal
-// ids summing its tokens' rows in token order in fp32 (the CPU kernel's order, so the
-// result is bit-identical to it), written once in the output dtype.
+// Backward: deterministic -> stable sort of the ids (at::sort), one warp per (run of equal
+// ids, 128-column tile) summing its tokens' rows in token order in fp32 (the CPU kernel's
+// order, so the result is bit-identical to it), written once in the output dtype.
 // Non-deterministic -> fp32 atomicAdd into an fp32 (V, d) buffer (no sort).
 // SCALE: each fp32 token row (pair halves summed first) times float32(embed_scale) before it
 // is accumulated (the reference's order).
@@ -290,8 +290,8 @@ void embedding_forward_cuda(const at::Tensor& ids, const at::Tensor& weight,
 // ---------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------
-// One warp per position p of the sorted ids; the warp that starts a run of equal ids sums
-// the run's rows (token order) over 128-column tiles, 4 fp32 accumulators per lane.
+// One warp per (position p of the sorted ids, 128-column tile blockIdx.y); the warp that
+// starts a run sums the run's rows (token order) on its tile, 4 fp32 accumulators per lane.
 template <typename T, bool SCALE>
 __global__ void __launch_bounds__(kThreads)
 backward_sorted_kernel(const T* __restrict__ g, const int64_t* __restrict__ sorted,
@@ -305,7 +305,10 @@ backward_sorted_kernel(const T* __restrict__ g, const int64_t* __restrict__ sort
   if (id < 0 || id >= V || id == padding) return;
   int64_t q_end = p + 1;
   while (q_end < n && sorted[q_end] == id) ++q_end;
-  for (int64_t jt = 0; jt < d; jt += 128) {
+  // one 128-column tile per blockIdx.y: a frequent id's rows are summed by d / 128 warps at
+  // once, each column still in the same order (deterministic, the CPU kernel's sums)
+  {
+    const int64_t jt = static_cast<int64_t>(blockIdx.y) * 128;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int64_t q = p; q < q_end; ++q) {
       const int64_t pos = perm[q];
@@ -376,11 +379,15 @@ at::Tensor embedding_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
     const at::Tensor sorted = std::get<0>(sorted_perm).contiguous();
     const at::Tensor perm = std::get<1>(sorted_perm).contiguous();
     const int64_t blocks = (n + kWarps - 1) / kWarps;
+    const int64_t tiles = (d + 127) / 128;
+    TORCH_CHECK(tiles <= 65535, "fastnoise: embedding_dim ", d, " is too wide for the "
+                "deterministic CUDA backward (at most ", 65535 * 128, ")");
+    const unsigned int column_tiles = static_cast<unsigned int>(tiles);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, g.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
           auto kernel = scale ? backward_sorted_kernel<scalar_t, true>
                               : backward_sorted_kernel<scalar_t, false>;
-          kernel<<<grid_blocks(blocks), kThreads, 0, stream>>>(
+          kernel<<<dim3(grid_blocks(blocks), column_tiles), kThreads, 0, stream>>>(
               g.const_data_ptr<scalar_t>(), sorted.const_data_ptr<int64_t>(),
               perm.const_data_ptr<int64_t>(), n, d, num_weights, padding, symmetric, es,
               grad.data_ptr<scalar_t>());

@@ -10,7 +10,8 @@
 //     (n, mean, M2) with Chan's formula (warp shuffles), write one fp64 partial, and the last
 //     block of a tensor to finish (threadfence + atomic ticket) merges the partials in block
 //     order (deterministic) and writes s_k = float32(lam) * std_k (NaN = skip the tensor).
-//  2. perturbation: one Philox call per 4 elements, 16-byte packs when aligned.
+//  2. perturbation: one Philox call per 4 elements; a thread takes 16-byte packs (4 fp32 or
+//     8 fp16/bf16 elements) when aligned.
 // Blocks find their tensor by binary search in a small per-tensor table; extra device memory
 // is the table, one ticket and scale per tensor and at most kStatBlockBudget + #tensors
 // partials of 24 bytes (< 0.5 MiB plus 24 bytes a tensor).
@@ -70,28 +71,36 @@ __device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
   return r;
 }
 
+// Elements a thread takes at once: one 16-byte vector of fp32 / fp16 / bf16 (4 or 8
+// elements: 1 or 2 Philox counters), two of fp64; always a whole number of counters.
+template <typename T>
+constexpr int kGroup = sizeof(T) == 2 ? 8 : 4;
+
+int64_t group_size(at::ScalarType t) { return c10::elementSize(t) == 2 ? 8 : 4; }
+
 // This thread's moments of tensor x (block b of nb): plain fp64 sums of y = x - shift and y^2
 // (x and shift are floats, so y is exact in fp64), turned into (n, mean, M2) once at the end.
 template <typename T>
 __device__ __forceinline__ Moments stats_tensor(const T* x, int64_t numel, int64_t b,
                                                 int64_t nb) {
+  constexpr int G = kGroup<T>;
   const double shift = static_cast<float>(x[0]);
-  const int64_t groups = (numel + 3) / 4;
-  const bool vec = aligned(x, sizeof(T) * 4);
+  const int64_t groups = (numel + G - 1) / G;
+  const bool vec = aligned(x, sizeof(T) * G);
   double n = 0.0, s = 0.0, ss = 0.0;
   for (int64_t q = b * kNtThreads + threadIdx.x; q < groups; q += nb * kNtThreads) {
-    const int64_t i0 = q * 4;
-    if (vec && i0 + 4 <= numel) {
-      const Pack<T, 4> p = *reinterpret_cast<const Pack<T, 4>*>(x + i0);
+    const int64_t i0 = q * G;
+    if (vec && i0 + G <= numel) {
+      const Pack<T, G> p = *reinterpret_cast<const Pack<T, G>*>(x + i0);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
+      for (int k = 0; k < G; ++k) {
         const double y = static_cast<double>(static_cast<float>(p.v[k])) - shift;
         s += y;
         ss += y * y;
       }
-      n += 4.0;
+      n += G;
     } else {
-      for (int64_t i = i0; i < numel && i < i0 + 4; ++i) {
+      for (int64_t i = i0; i < numel && i < i0 + G; ++i) {
         const double y = static_cast<double>(static_cast<float>(x[i])) - shift;
         s += y;
         ss += y * y;
@@ -174,22 +183,28 @@ noisytune_stats_kernel(const int64_t* __restrict__ meta, int T, double* __restri
 template <typename T>
 __device__ __forceinline__ void perturb_tensor(T* x, int64_t numel, int64_t b, int64_t nb,
                                                float s, uint64_t seed, uint64_t start) {
-  const int64_t groups = (numel + 3) / 4;
-  const bool vec = aligned(x, sizeof(T) * 4);
+  constexpr int G = kGroup<T>;
+  const int64_t groups = (numel + G - 1) / G;
+  const bool vec = aligned(x, sizeof(T) * G);
   for (int64_t q = b * kNtThreads + threadIdx.x; q < groups; q += nb * kNtThreads) {
-    const Words4 r = philox4x32_10(start + static_cast<uint64_t>(q), seed);
-    const int64_t i0 = q * 4;
-    if (vec && i0 + 4 <= numel) {
-      Pack<T, 4> p = *reinterpret_cast<Pack<T, 4>*>(x + i0);
+    const int64_t i0 = q * G;  // element i uses counter start + i / 4, word i % 4
+    Words4 r[G / 4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        p.v[k] = static_cast<T>(add_rn(static_cast<float>(p.v[k]), noisytune_delta(r.w[k], s)));
+    for (int c = 0; c < G / 4; ++c) {
+      r[c] = philox4x32_10(start + static_cast<uint64_t>(i0 / 4 + c), seed);
+    }
+    if (vec && i0 + G <= numel) {
+      Pack<T, G> p = *reinterpret_cast<Pack<T, G>*>(x + i0);
+#pragma unroll
+      for (int k = 0; k < G; ++k) {
+        p.v[k] = static_cast<T>(
+            add_rn(static_cast<float>(p.v[k]), noisytune_delta(r[k / 4].w[k % 4], s)));
       }
-      *reinterpret_cast<Pack<T, 4>*>(x + i0) = p;
+      *reinterpret_cast<Pack<T, G>*>(x + i0) = p;
     } else {
-      for (int k = 0; k < 4 && i0 + k < numel; ++k) {
-        x[i0 + k] =
-            static_cast<T>(add_rn(static_cast<float>(x[i0 + k]), noisytune_delta(r.w[k], s)));
+      for (int k = 0; k < G && i0 + k < numel; ++k) {
+        x[i0 + k] = static_cast<T>(
+            add_rn(static_cast<float>(x[i0 + k]), noisytune_delta(r[k / 4].w[k % 4], s)));
       }
     }
   }
@@ -238,7 +253,8 @@ void noisytune_cuda(at::TensorList tensors, double lam, int64_t seed, at::IntArr
     TORCH_CHECK(t.device() == device, "fastnoise: noisytune_ tensors must share one device (",
                 device, " vs ", t.device(), ")");
     TORCH_CHECK(t.is_contiguous(), "fastnoise: noisytune_ needs contiguous tensors");
-    if (t.numel() >= 2) total_groups += (t.numel() + 3) / 4;
+    const int64_t gs = group_size(t.scalar_type());
+    if (t.numel() >= 2) total_groups += (t.numel() + gs - 1) / gs;
   }
   std::vector<int64_t> meta;
   int64_t stat_blocks = 0, pert_blocks = 0;
@@ -247,7 +263,8 @@ void noisytune_cuda(at::TensorList tensors, double lam, int64_t seed, at::IntArr
     const int64_t code = dtype_code(t.scalar_type());
     const int64_t numel = t.numel();
     if (numel < 2) continue;
-    const int64_t groups = (numel + 3) / 4;
+    const int64_t gs = group_size(t.scalar_type());
+    const int64_t groups = (numel + gs - 1) / gs;
     const int64_t full = (groups + kNtThreads - 1) / kNtThreads;  // one group a thread
     // the tensor's share of the stats budget (fp64: no overflow for any real size)
     const int64_t share = static_cast<int64_t>(std::ceil(
