@@ -271,7 +271,8 @@ def op_of(workload: str) -> str:
 def format_auto_picks(results: List[Result], device, dtype) -> str:
     """Per workload: the fastest backend measured and what "auto" picks for that op, so the
     AUTO_ORDER table can follow the numbers."""
-    lines = ["auto's pick per op vs the fastest backend measured:"]
+    lines = ["auto's pick per op vs the fastest backend measured (a forward+backward row runs "
+             "both ops on the backend it names):"]
     for workload in dict.fromkeys(r.workload for r in results):
         mine = {r.impl[len("fastnoise["):-1]: r for r in results
                 if r.workload == workload and r.impl.startswith("fastnoise[")}

@@ -183,10 +183,26 @@ def test_auto_resolves_each_op_on_its_own(monkeypatch):
         for op in ("backward", "noisytune"):
             assert backends.resolve_backend("auto", "cpu", torch.float32, op=op).name == "reference"
         assert fastnoise.available_backends("cpu", op="backward")[0] == "reference"
-        # the forward and its gradient may run on different backends and still agree
+        # the forward on one backend, its gradient on another (a spy on the reference's)
+        ref, calls = backends.get_backend("reference"), []
+
+        class Spy:
+            name = "spy"
+
+            def unavailable_reason(self, device, dtype=None):
+                return None
+
+            def embedding_backward(self, *args, **kwargs):
+                calls.append(args[0].shape)
+                return ref.embedding_backward(*args, **kwargs)
+
+        monkeypatch.setitem(backends._REGISTRY, "spy", Spy())
+        backends.AUTO_ORDER["cpu"]["backward"] = ("spy",)
+        backends.clear_cache()
         ids, weight = _inputs()
         w = weight.clone().requires_grad_()
         fastnoise.noisy_embedding(ids, w, seed=3).sum().backward()
+        assert calls == [(ids.numel(), weight.shape[1])]
         assert torch.equal(w.grad, R.embedding_backward(torch.ones(ids.numel(), weight.shape[1]),
                                                         ids.reshape(-1), weight.shape[0]))
         with pytest.raises(ValueError, match="unknown op"):
@@ -222,8 +238,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_seed_uses_counters_no_torch_kernel_uses():
-    # torch's kernels read offset o as Philox counter o // 4 (curand): a call that uses c
-    # counters starts at o // 4 and moves the generator 4 * c words on
+    # torch's kernels read offset o as Philox counter o // 4 of each thread (curand): a call
+    # that uses c counters starts at o // 4 and moves the generator 4 * c words on
     from fastnoise.functional import draw_seed
     torch.cuda.manual_seed(123)
     gen = torch.cuda.default_generators[torch.cuda.current_device()]
@@ -233,6 +249,13 @@ def test_cuda_seed_uses_counters_no_torch_kernel_uses():
     assert (seed, offset) == (123, before // 4)
     assert gen.get_offset() == before + 40
     assert draw_seed(torch.device("cuda"), 1)[1] == before // 4 + 10
+    # the claim itself, against torch: element 0 of torch.rand is thread 0's first curand
+    # word, i.e. word 0 of our counter o // 4 under the same key, as curand_uniform makes it
+    o = gen.get_offset()
+    x = torch.rand(1, device="cuda").item()
+    w = int(R.noise_words(123, o // 4, 1, torch.device("cpu")).reshape(-1)[0]) % 2**32
+    expect = (torch.tensor(float(w), dtype=torch.float32) * 2.0**-32 + 2.0**-33).item()
+    assert x == expect
 
 
 @pytest.mark.gpu

@@ -453,8 +453,9 @@ def test_noisytune_unaligned_views():
     # views one element into a buffer start off 16 bytes: the launch takes the unvectorized
     # path (ALIGNED off) and must give the same numbers
     base = torch.randn(3 * 2049, device=DEVICE)
-    tensors = [base[1:2049], base[2049 + 3:2 * 2049].half(), base[2 * 2049:]]
-    assert any(t.data_ptr() % 16 for t in tensors)
+    half = torch.randn(2100, device=DEVICE).half()
+    tensors = [base[1:2049], half[3:2052], base[2 * 2049:]]
+    assert all(t.data_ptr() % 16 for t in tensors)  # both the fp32 and the fp16 launch
     mine, ref = _noisytune_both(tensors, 0.2, seed=11, offset=3)
     _assert_noisytune_close(mine, ref, tensors)
 

@@ -8,8 +8,9 @@
 //     x - x[0] and its square over 4-element groups in fp64 (shifted by the tensor's first
 //     element: no cancellation for a large mean, no division per element), blocks merge
 //     (n, mean, M2) with Chan's formula (warp shuffles), write one fp64 partial, and the last
-//     block of a tensor to finish (threadfence + atomic ticket) merges the partials in block
-//     order (deterministic) and writes s_k = float32(lam) * std_k (NaN = skip the tensor).
+//     block of a tensor to finish (threadfence + atomic ticket) merges the partials, all its
+//     threads in a fixed order (deterministic), and writes s_k = float32(lam) * std_k (NaN =
+//     skip the tensor).
 //  2. perturbation: one Philox call per 4 elements; a thread takes 16-byte packs (4 fp32 or
 //     8 fp16/bf16 elements) when aligned.
 // Blocks find their tensor by binary search in a small per-tensor table; extra device memory
@@ -113,6 +114,25 @@ __device__ __forceinline__ Moments stats_tensor(const T* x, int64_t numel, int64
   return Moments{n, mean, fmax(ss - s * mean, 0.0)};
 }
 
+// The block's moments merged in a fixed tree (warp shuffles, then the warps in order):
+// deterministic. Every thread of the block must call it; the result is thread 0's.
+__device__ __forceinline__ Moments block_merge(Moments w, Moments* warp_res) {
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) {
+    Moments o{__shfl_down_sync(0xffffffffu, w.n, s), __shfl_down_sync(0xffffffffu, w.mean, s),
+              __shfl_down_sync(0xffffffffu, w.m2, s)};
+    w = merge(w, o);
+  }
+  __syncthreads();  // warp_res may still be read from a previous call
+  if ((threadIdx.x & 31) == 0) warp_res[threadIdx.x >> 5] = w;
+  __syncthreads();
+  Moments acc = warp_res[0];
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kNtThreads / 32; ++i) acc = merge(acc, warp_res[i]);
+  }
+  return acc;
+}
+
 __global__ void __launch_bounds__(kNtThreads)
 noisytune_stats_kernel(const int64_t* __restrict__ meta, int T, double* __restrict__ partials,
                        unsigned int* __restrict__ tickets, float* __restrict__ scale,
@@ -131,50 +151,31 @@ noisytune_stats_kernel(const int64_t* __restrict__ meta, int T, double* __restri
     case kBF16: w = stats_tensor(static_cast<const at::BFloat16*>(ptr), numel, b, nb); break;
     default: w = stats_tensor(static_cast<const double*>(ptr), numel, b, nb); break;
   }
-  // block reduction: warp shuffles, then the first warp over the warps' results
-#pragma unroll
-  for (int s = 16; s > 0; s >>= 1) {
-    Moments o{__shfl_down_sync(0xffffffffu, w.n, s), __shfl_down_sync(0xffffffffu, w.mean, s),
-              __shfl_down_sync(0xffffffffu, w.m2, s)};
-    w = merge(w, o);
-  }
   __shared__ Moments warp_res[kNtThreads / 32];
   __shared__ bool is_last;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_res[warp] = w;
-  __syncthreads();
+  const Moments blk_moments = block_merge(w, warp_res);
   if (threadIdx.x == 0) {
-    Moments acc = warp_res[0];
-    for (int i = 1; i < kNtThreads / 32; ++i) acc = merge(acc, warp_res[i]);
     double* part = partials + 3 * blk;
-    part[0] = acc.n;
-    part[1] = acc.mean;
-    part[2] = acc.m2;
+    part[0] = blk_moments.n;
+    part[1] = blk_moments.mean;
+    part[2] = blk_moments.m2;
     __threadfence();
     const unsigned int ticket = atomicAdd(tickets + k, 1u);
     is_last = ticket == static_cast<unsigned int>(nb - 1);
   }
   __syncthreads();
-  if (is_last && threadIdx.x == 0) {
-    __threadfence();
-    // merge this tensor's partials in block order: deterministic
-    const double* part = partials + 3 * row[kStatBegin];
-    double n = 0.0, mean = 0.0, m2 = 0.0;
-    for (int64_t i = 0; i < nb; ++i) {
-      const double pn = __ldcg(part + 3 * i), pmean = __ldcg(part + 3 * i + 1),
-                   pm2 = __ldcg(part + 3 * i + 2);
-      if (pn == 0.0) continue;
-      if (n == 0.0) {
-        n = pn; mean = pmean; m2 = pm2;
-        continue;
-      }
-      const double tot = n + pn;
-      const double delta = pmean - mean;
-      mean += delta * (pn / tot);
-      m2 += pm2 + delta * delta * (n * pn / tot);
-      n = tot;
-    }
-    const float sd = static_cast<float>(sqrt(m2 / (n - 1.0)));
+  if (!is_last) return;  // the same for the whole block
+  __threadfence();
+  // the last block of tensor k merges its nb partials (up to thousands for a big tensor):
+  // thread t takes partials t, t + 256, ... in order, then the fixed block tree: deterministic
+  const double* part = partials + 3 * row[kStatBegin];
+  Moments m{0.0, 0.0, 0.0};
+  for (int64_t i = threadIdx.x; i < nb; i += kNtThreads) {
+    m = merge(m, Moments{__ldcg(part + 3 * i), __ldcg(part + 3 * i + 1), __ldcg(part + 3 * i + 2)});
+  }
+  const Moments all = block_merge(m, warp_res);
+  if (threadIdx.x == 0) {
+    const float sd = static_cast<float>(sqrt(all.m2 / (all.n - 1.0)));
     const bool skip = !isfinite(sd) || sd == 0.0f;
     scale[k] = skip ? __int_as_float(0x7fc00000) : __fmul_rn(lam, sd);
   }

@@ -9,12 +9,12 @@ calling it once per element makes the kernel compute bound (~40% of copy bandwid
 H100). One call per 4 elements (uniform/gaussian) or per 128 elements (bernoulli, one bit
 each) keeps it memory bound, so the noise is nearly free next to the gather.
 
-The forward works on [token, group, VEC] tiles, a group being the VEC columns of one 16-byte
-access (4 fp32 or 8 fp16/bf16). The words of a group's counters are joined into the group
-in registers (join adds in-thread dims), so noise and data share a layout: 16-byte loads
-and stores and no layout conversion through shared memory (a flat [token, column] tile of
-fp16/bf16 rows cost 8 KB of shared memory and 7 barriers a tile: tests/
-triton_compile_worker.py reports both).
+Each thread builds the noise of whole 16-byte vectors of a row (VEC = 4 fp32 or 8 fp16/bf16
+columns: 1 or 2 counters), joining the counters' words in registers in the order that
+flattens to the columns (_group_values), so noise and data share a layout: 16-byte loads
+and stores and no layout conversion through shared memory. (One counter a thread on fp16/bf16
+rows had cost 8 KB of shared memory and 7 barriers a tile; tests/triton_compile_worker.py
+reports both.)
 
 ``embed_scale`` != 1 (Gemma's scaled embedding) is the constexpr HAS_SCALE: the forward
 rounds ``e = dtype(e * embed_scale)`` before the noise, the backward multiplies each fp32
@@ -123,82 +123,77 @@ def _box_muller(ua, ub):
 
 
 @triton.jit
-def _interleave4(a0, a1, a2, a3, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """[T, C] x 4 -> [T, 4C] with column 4c + i taken from a_i.
+def _interleave4(a0, a1, a2, a3):
+    """[T, C] (or [T, C, 2]) x 4 -> [T, 4 * C] (or [T, 8 * C]): a_i's value lands at column
+    4c + i (8c + 4j + i for [T, C, 2] inputs), in the same thread's registers.
 
     join stacks along a new minor dim, so x = join(join(a0, a2), join(a1, a3)) has
     x[t, c, i, k] = (join(a0, a2) if k == 0 else join(a1, a3))[t, c, i] = a_{2i + k}; the
     reshape flattens (c, i, k) -> 4c + 2i + k: a0, a1, a2, a3 in order. (The naive
     join(join(a0, a1), join(a2, a3)) gives a0, a2, a1, a3; the tests check the order.)
+    A [T, C, 2] input's own minor dim j is the slowest of the three: 8c + 4j + 2i + k.
     """
     x = tl.join(tl.join(a0, a2), tl.join(a1, a3))
-    return tl.reshape(x, [BLOCK_T, BLOCK_C * 4])
-
-
-@triton.jit
-def _words4(a0, a1, a2, a3):
-    """[T, G] x 4 -> [T, G, 4] with [:, :, i] = a_i: the 4 values of each counter side by
-    side in one thread's registers (join adds a minor in-thread dim; see _interleave4)."""
-    x = tl.join(tl.join(a0, a2), tl.join(a1, a3))
-    return tl.reshape(x, [a0.shape[0], a0.shape[1], 4])
+    return tl.reshape(x, [a0.shape[0], a0.numel // a0.shape[0] * 4])
 
 
 @triton.jit
 def _counter_values(ctr, seed_lo, seed_hi, KIND: tl.constexpr):
-    """The 4 values of each counter, [T, G, 4]: U(-1, 1) (KIND 0, NEFTune), N(0, 1) (KIND 1)
-    or U[0, 1) (KIND 3, NoisyTune)."""
+    """The 4 values of each counter: U(-1, 1) (KIND 0, NEFTune), N(0, 1) (KIND 1) or
+    U[0, 1) (KIND 3, NoisyTune); four tensors shaped like ``ctr``."""
     w0, w1, w2, w3 = _philox4x32(ctr, seed_lo, seed_hi)
     if KIND == 1:
-        n0, n1 = _box_muller(_uniform01(w0), _uniform01(w1))
-        n2, n3 = _box_muller(_uniform01(w2), _uniform01(w3))
-        x = _words4(n0, n1, n2, n3)
+        a0, a1 = _box_muller(_uniform01(w0), _uniform01(w1))
+        a2, a3 = _box_muller(_uniform01(w2), _uniform01(w3))
     elif KIND == 3:
-        x = _words4(_uniform01(w0), _uniform01(w1), _uniform01(w2), _uniform01(w3))
+        a0, a1, a2, a3 = _uniform01(w0), _uniform01(w1), _uniform01(w2), _uniform01(w3)
     else:
-        x = _words4(_uniform01(w0) * 2.0 - 1.0, _uniform01(w1) * 2.0 - 1.0,
-                    _uniform01(w2) * 2.0 - 1.0, _uniform01(w3) * 2.0 - 1.0)
-    return x
+        a0 = _uniform01(w0) * 2.0 - 1.0
+        a1 = _uniform01(w1) * 2.0 - 1.0
+        a2 = _uniform01(w2) * 2.0 - 1.0
+        a3 = _uniform01(w3) * 2.0 - 1.0
+    return a0, a1, a2, a3
 
 
 @triton.jit
 def _group_values(ctr, seed_lo, seed_hi, KIND: tl.constexpr, CPG: tl.constexpr):
-    """[T, G, 4 * CPG]: group g holds the values of counters ctr[g], ctr[g] + 1, ... (CPG of
-    them, 1 or 2), in counter order: element 4 * i + w of a group is word w of counter i."""
-    x = _counter_values(ctr, seed_lo, seed_hi, KIND)
+    """[T, G] first counters -> [T, G * 4 * CPG] values: group g is counters ctr[g], ...,
+    ctr[g] + CPG - 1 (1 or 2), 4 values each, in counter order, all in one thread's registers.
+
+    Why: a 16-byte vector holds 4 fp32 or 8 fp16/bf16 elements, i.e. 1 or 2 counters. Joining
+    the counter index first (the slowest minor dim, see _interleave4) gives the noise the
+    data's layout: no trip through shared memory between them, on Triton 3.6 and 3.9 alike
+    (tests/test_triton_compile.py checks it).
+    """
+    a0, a1, a2, a3 = _counter_values(ctr, seed_lo, seed_hi, KIND)
     if CPG == 2:
-        # join makes the counter index the minor dim; permute puts it first, then flatten
-        hi = _counter_values(ctr + 1, seed_lo, seed_hi, KIND)
-        x = tl.reshape(tl.permute(tl.join(x, hi), [0, 1, 3, 2]),
-                       [x.shape[0], x.shape[1], 8])
-    return x
+        b0, b1, b2, b3 = _counter_values(ctr + 1, seed_lo, seed_hi, KIND)
+        a0, a1, a2, a3 = tl.join(a0, b0), tl.join(a1, b1), tl.join(a2, b2), tl.join(a3, b3)
+    return _interleave4(a0, a1, a2, a3)
 
 
 @triton.jit
 def _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi,
                 NOISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                 VEC: tl.constexpr):
-    """Unscaled noise xi, float32 [BLOCK_T, BLOCK_D // VEC, VEC], of token rows ``rows``
-    (int64) and columns pid_d * BLOCK_D + [0, BLOCK_D): group g holds columns VEC*g + [0, VEC).
-
-    A thread holds whole groups, like the 16-byte loads and stores of the row tiles (VEC = 4
-    fp32, 8 fp16/bf16 elements), so the noise meets the data without a trip through shared
-    memory. Uniform/Gaussian: a group is VEC // 4 counters, 4 words each.
-    """
+    """Unscaled noise xi, float32 [BLOCK_T, BLOCK_D], of token rows ``rows`` (int64) and
+    columns pid_d * BLOCK_D + [0, BLOCK_D); VEC columns (one 16-byte vector of the rows) are
+    built in one thread: VEC // 4 counters for uniform/Gaussian."""
     off = _u64(off_lo, off_hi)
-    NG: tl.constexpr = BLOCK_D // VEC
     if NOISE == 2:
         # bernoulli: one counter per 128 columns, one bit per column
         NC: tl.constexpr = BLOCK_D // 128
         cidx = (pid_d * NC + tl.arange(0, NC)).to(tl.uint64)
         ctr = off + (rows.to(tl.uint64)[:, None] * ((d + 127) // 128) + cidx[None, :])
         w0, w1, w2, w3 = _philox4x32(ctr, seed_lo, seed_hi)
-        words = _interleave4(w0, w1, w2, w3, BLOCK_T, NC)  # [T, BLOCK_D // 32]
+        words = _interleave4(w0, w1, w2, w3)  # [T, BLOCK_D // 32]
         words = tl.broadcast_to(words[:, :, None], [BLOCK_T, NC * 4, 32])
         shift = tl.arange(0, 32).to(tl.uint32)[None, None, :]
-        bits = tl.reshape((words >> shift) & 1, [BLOCK_T, NG, VEC])
+        bits = tl.reshape((words >> shift) & 1, [BLOCK_T, BLOCK_D])
         xi = 1.0 - 2.0 * bits.to(tl.float32)
     else:
         CPG: tl.constexpr = VEC // 4  # counters a group
+        NG: tl.constexpr = BLOCK_D // VEC
         first = (pid_d * NG + tl.arange(0, NG)).to(tl.uint64) * CPG
         # uint64 * (i32 or constexpr d) promotes to uint64; the sum wraps mod 2**64
         ctr = off + (rows.to(tl.uint64)[:, None] * ((d + 3) // 4) + first[None, :])
@@ -220,24 +215,23 @@ def _noisy_embedding_fwd_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
-    # [token, group, VEC] tiles: each thread moves whole 16-byte groups of a row
-    NG: tl.constexpr = BLOCK_D // VEC
     rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = (pid_d * NG + tl.arange(0, NG))[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < N
-    mask = row_mask[:, None, None] & (cols < d)
+    mask = row_mask[:, None] & (cols < d)[None, :]
 
     # ids are validated by the frontend, except inside a captured CUDA graph (no sync): an
     # out-of-range id is never read, and its whole output row is NaN (never a silent clamp)
     ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    valid = ((ids >= 0) & (ids < V))[:, None, None]
-    ids = tl.where(valid, ids[:, None, None], 0)
-    e = tl.load(w_ptr + ids * w_row_stride + cols, mask=mask & valid, other=0.0)
+    valid = (ids >= 0) & (ids < V)
+    ids = tl.where(valid, ids, 0)
+    e = tl.load(w_ptr + ids[:, None] * w_row_stride + cols[None, :],
+                mask=mask & valid[:, None], other=0.0)
     e = e.to(tl.float32)
     if HAS_SCALE:
         # Gemma: the row times embed_scale (fp32), rounded once to the weight dtype
         e = (e * embed_scale).to(w_ptr.dtype.element_ty).to(tl.float32)
-    e = tl.where(valid, e, float("nan"))
+    e = tl.where(valid[:, None], e, float("nan"))
 
     if SEED_FROM_PTR:
         # CUDA-graph-safe seed: the uint64 bits of an int64 device tensor, read at run time
@@ -249,17 +243,17 @@ def _noisy_embedding_fwd_kernel(
     xi = _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi, NOISE, BLOCK_T, BLOCK_D,
                      VEC)
     if HAS_TOK_MAG:
-        scale = tl.load(tok_mag_ptr + rows, mask=row_mask, other=0.0)[:, None, None]
+        scale = tl.load(tok_mag_ptr + rows, mask=row_mask, other=0.0)[:, None]
     else:
         scale = mag
     n = xi * scale  # rounded once: the launch turns fp fusion off, so no FMA with the add
 
-    rows = rows[:, None, None]
+    out_offs = rows[:, None] * d + cols[None, :]
     ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + rows * d + cols, (e + n).to(ty), mask=mask)
+    tl.store(out_ptr + out_offs, (e + n).to(ty), mask=mask)
     if SYMMETRIC:
         # the pair's second half reuses the same gathered row and the same draw
-        tl.store(out_ptr + (rows + N) * d + cols, (e - n).to(ty), mask=mask)
+        tl.store(out_ptr + (rows[:, None] + N) * d + cols[None, :], (e - n).to(ty), mask=mask)
 
 
 @triton.jit

@@ -186,16 +186,15 @@ def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
         first = tl.load(meta_ptr + k * META + 3)
         base = (pid - first) * (BLOCK * ITERS)
         steps = tl.cdiv(tl.minimum(numel - base, BLOCK * ITERS), BLOCK)
-        # [1, group, VEC] tiles: a group is one 16-byte vector (4 fp32 or 8 fp16/bf16
-        # elements: 1 or 2 counters), and its random words join it in the same registers
+        # a thread's random words cover whole 16-byte vectors (4 fp32 or 8 fp16/bf16
+        # elements: 1 or 2 counters), laid out like the data (see _group_values)
         VEC: tl.constexpr = 4 if DTYPE == 0 else 8
-        NG: tl.constexpr = BLOCK // VEC
-        grp = tl.arange(0, NG)[None, :]
+        grp = tl.arange(0, BLOCK // VEC)[None, :]
         for it in range(steps):
             at = base + it * BLOCK  # a multiple of 8: its counters are start + at // 4 + c
             ctr = start + (at // 4 + (VEC // 4) * grp).to(tl.uint64)
-            u = _group_values(ctr, seed_lo, seed_hi, 3, VEC // 4)  # U[0, 1), [1, NG, VEC]
-            offs = at + grp[:, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
+            u = _group_values(ctr, seed_lo, seed_hi, 3, VEC // 4)  # U[0, 1), [1, BLOCK]
+            offs = at + tl.arange(0, BLOCK)[None, :]
             full = at + BLOCK <= numel
             x = _load_f32(ptr, offs, full, numel, DTYPE, ALIGNED)
             y = x + (u - 0.5) * s  # fp fusion is off: rounded like the reference
