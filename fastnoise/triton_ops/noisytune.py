@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import as_int64
 from .embedding import _group_values, _split64
 
 BLOCK = 1024  # elements a step (256 Philox counters)
@@ -201,11 +202,6 @@ def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
             _store_f32(ptr, offs, y, full, numel, DTYPE, ALIGNED)
 
 
-def _as_i64(x: int) -> int:
-    x &= (1 << 64) - 1
-    return x - (1 << 64) if x >= (1 << 63) else x
-
-
 def noisytune_(tensors, lam, *, seed, starts):
     """Perturb every tensor in place; tensor k draws from counter starts[k] on. Two launches
     per dtype present."""
@@ -227,7 +223,7 @@ def noisytune_(tensors, lam, *, seed, starts):
 def _launch(members, lam, seed_lo, seed_hi, dtype_code):
     rows, first = [], 0
     for t, start in members:
-        rows.append((t.data_ptr(), t.numel(), _as_i64(start), first))
+        rows.append((t.data_ptr(), t.numel(), as_int64(start), first))
         first += triton.cdiv(t.numel(), CHUNK)
     device = members[0][0].device
     meta = torch.tensor(rows, dtype=torch.int64).to(device)
