@@ -101,11 +101,6 @@ def _check_like_input(name: str, value, input: torch.Tensor) -> None:
         raise TypeError(f"{name} must be bool or integer, got {value.dtype}")
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    """True while ``t``'s CUDA stream is being captured into a graph (no host sync allowed)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def _check_cu_seqlens(cu_seqlens, input: torch.Tensor) -> None:
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
             or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 1):
@@ -227,7 +222,7 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     d = weight.shape[1]
     _check_like_input("attention_mask", attention_mask, input)
     _check_like_input("position_ids", position_ids, input)
-    if cu_seqlens is not None and not (torch.compiler.is_compiling() or _capturing(input)):
+    if cu_seqlens is not None and not (torch.compiler.is_compiling() or ops.capturing(input)):
         _check_cu_seqlens(cu_seqlens, input)  # syncs; compiled and captured graphs skip it
 
     if backend != "auto":
@@ -355,7 +350,7 @@ def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor
     for t in tensors:
         if not t.is_floating_point():
             raise TypeError(f"noisytune_ perturbs floating-point tensors, got {t.dtype}")
-        if _capturing(t):
+        if ops.capturing(t):
             raise RuntimeError("noisytune_ cannot be captured in a CUDA graph: it runs once, "
                                "before training (its tables are copied from the host)")
     total = sum((t.numel() + 3) // 4 for t in tensors)

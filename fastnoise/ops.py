@@ -38,6 +38,11 @@ def as_uint64(value: int) -> int:
 LAST_CAPTURED_SEED: List[Optional[torch.Tensor]] = [None]
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """True while ``t``'s CUDA stream is being captured into a graph (no host sync allowed)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
     if ids.numel() == 0:
         return
@@ -55,7 +60,7 @@ def _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetri
 
     chosen = resolve_backend(backend, weight.device, weight.dtype)
     extra = {}
-    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(weight):
         # Inside a CUDA graph: no host sync is possible (the id check is skipped; kernels
         # write NaN rows for bad ids), and a host-drawn seed would be frozen into the graph.
         # Draw the seed on the device instead: PyTorch's RNG advances on every replay.

@@ -74,10 +74,12 @@ __device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
 
 // Elements a thread takes at once: one 16-byte vector of fp32 / fp16 / bf16 (4 or 8
 // elements: 1 or 2 Philox counters), two of fp64; always a whole number of counters.
-template <typename T>
-constexpr int kGroup = sizeof(T) == 2 ? 8 : 4;
+constexpr int group_for_size(size_t element_bytes) { return element_bytes == 2 ? 8 : 4; }
 
-int64_t group_size(at::ScalarType t) { return c10::elementSize(t) == 2 ? 8 : 4; }
+template <typename T>
+constexpr int kGroup = group_for_size(sizeof(T));
+
+int64_t group_size(at::ScalarType t) { return group_for_size(c10::elementSize(t)); }
 
 // This thread's moments of tensor x (block b of nb): plain fp64 sums of y = x - shift and y^2
 // (x and shift are floats, so y is exact in fp64), turned into (n, mean, M2) once at the end.
