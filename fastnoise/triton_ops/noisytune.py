@@ -100,6 +100,24 @@ def _store_f32(ptr_i64, offs, y, full, numel, DTYPE: tl.constexpr, ALIGNED: tl.c
 
 
 @triton.jit
+def _chunk_partials(partial_ptr, first, c0, n_chunks, numel, WITH_M2: tl.constexpr,
+                    CHUNK: tl.constexpr, MERGE_BLOCK: tl.constexpr):
+    """Chunks c0 .. c0 + MERGE_BLOCK of a tensor whose first chunk is ``first``: (in range,
+    element count, mean, M2 if WITH_M2 else 0), float64, read through L2 (other programs
+    wrote them)."""
+    cc = c0 + tl.arange(0, MERGE_BLOCK)
+    cm = cc < n_chunks
+    cnt = tl.minimum(numel - cc * CHUNK, CHUNK).to(tl.float64)
+    pm = tl.load(partial_ptr + (first + cc) * 2, mask=cm, other=0.0,
+                 cache_modifier=".cg").to(tl.float64)
+    pm2 = pm * 0.0
+    if WITH_M2:
+        pm2 = tl.load(partial_ptr + (first + cc) * 2 + 1, mask=cm, other=0.0,
+                      cache_modifier=".cg").to(tl.float64)
+    return cm, cnt, pm, pm2
+
+
+@triton.jit
 def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tensors, lam,
                             META: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
                             MERGE_BLOCK: tl.constexpr, DTYPE: tl.constexpr,
@@ -145,22 +163,14 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
         numel_f = numel.to(tl.float64)
         tot = tl.zeros([MERGE_BLOCK], dtype=tl.float64)
         for c0 in range(0, n_chunks, MERGE_BLOCK):
-            cc = c0 + tl.arange(0, MERGE_BLOCK)
-            cm = cc < n_chunks
-            cnt = tl.minimum(numel - cc * (BLOCK * ITERS), BLOCK * ITERS).to(tl.float64)
-            pm = tl.load(partial_ptr + (first + cc) * 2, mask=cm, other=0.0,
-                         cache_modifier=".cg").to(tl.float64)
+            cm, cnt, pm, _ = _chunk_partials(partial_ptr, first, c0, n_chunks, numel, False,
+                                             BLOCK * ITERS, MERGE_BLOCK)
             tot += tl.where(cm, cnt * pm, 0.0)
         gmean = tl.sum(tot) / numel_f
         acc = tl.zeros([MERGE_BLOCK], dtype=tl.float64)
         for c0 in range(0, n_chunks, MERGE_BLOCK):
-            cc = c0 + tl.arange(0, MERGE_BLOCK)
-            cm = cc < n_chunks
-            cnt = tl.minimum(numel - cc * (BLOCK * ITERS), BLOCK * ITERS).to(tl.float64)
-            pm = tl.load(partial_ptr + (first + cc) * 2, mask=cm, other=0.0,
-                         cache_modifier=".cg").to(tl.float64)
-            pm2 = tl.load(partial_ptr + (first + cc) * 2 + 1, mask=cm, other=0.0,
-                          cache_modifier=".cg").to(tl.float64)
+            cm, cnt, pm, pm2 = _chunk_partials(partial_ptr, first, c0, n_chunks, numel, True,
+                                               BLOCK * ITERS, MERGE_BLOCK)
             dm = pm - gmean
             acc += tl.where(cm, pm2 + cnt * dm * dm, 0.0)
         var = tl.sum(acc) / tl.maximum(numel_f - 1.0, 1.0)  # numel < 2 is skipped below
