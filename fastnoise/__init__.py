@@ -6,8 +6,9 @@ draw; the Triton, CUDA and C++ CPU backends reproduce it in single fused kernels
 
 from . import reference
 from .backends import BackendUnavailableError, available_backends
-from .functional import (METHODS, NOISE_KINDS, noisy_embedding, noisytune_,
-                         set_rank_distinct_noise)
+from .functional import METHODS, NOISE_KINDS, noisy_embedding
+from .noisytune import noisytune_
+from .seeds import set_rank_distinct_noise
 from .integrations import is_patched, patch, unpatch
 from .modules import NoisyEmbedding
 

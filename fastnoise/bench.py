@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from . import reference
 from .backends import available_backends, resolve_backend, triton_interpreter_enabled
-from .functional import noisy_embedding, noisytune_
+from .functional import noisy_embedding
+from .noisytune import noisytune_
 
 GPU_SHAPES = [(8, 2048, 4096, 32000), (4, 4096, 4096, 128256), (16, 512, 2048, 50257),
               (1, 512, 768, 30522)]

@@ -20,7 +20,8 @@ import torch
 
 from . import reference, stats
 from .backends import BACKEND_NAMES, available_backends, get_backend, triton_interpreter_enabled
-from .functional import noisy_embedding, noisytune_
+from .functional import noisy_embedding
+from .noisytune import noisytune_
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NOISES = reference.NOISE_KINDS

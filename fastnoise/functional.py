@@ -1,23 +1,26 @@
-"""The functional API, mirroring ``torch.nn.functional``: checks, seeds, scale, dispatch.
+"""The functional API of the noisy embedding, mirroring ``torch.nn.functional``: checks,
+scale, dispatch.
 
 The math lives in :mod:`fastnoise.reference`, the kernels in the backends, the op and its
-autograd in :mod:`fastnoise.ops`. This file validates arguments and turns them into what
-the op takes (scale, per-token scale, seed).
+autograd in :mod:`fastnoise.ops`, seeds in :mod:`fastnoise.seeds`. This file validates
+arguments and turns them into what the op takes (scale, per-token scale, seed). NoisyTune's
+frontend is :mod:`fastnoise.noisytune`.
 """
 
 from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Iterable, List, Optional, Union
+from typing import Optional
 
 import torch
 
 from . import ops, reference
-from .backends import get_backend, resolve_backend
+from .backends import get_backend
+from .seeds import check_seed
 
-__all__ = ["noisy_embedding", "noisytune_", "set_rank_distinct_noise", "METHODS",
-           "NOISE_KINDS"]
+__all__ = ["noisy_embedding", "METHODS", "NOISE_KINDS", "check_method", "check_noise",
+           "check_nonnegative"]
 
 NOISE_KINDS = reference.NOISE_KINDS
 #: method presets for NoisyEmbedding / patch: (noise kind, symmetric)
@@ -26,7 +29,6 @@ METHODS = {
     "gaussian": ("gaussian", False),
     "symnoise": ("bernoulli", True),
 }
-_U64 = 1 << 64
 
 
 # --------------------------------------------------------------------------------------
@@ -58,16 +60,6 @@ def _check_finite(name: str, value) -> float:
     if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
-
-
-def check_seed(seed) -> Optional[int]:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if not 0 <= seed < _U64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    return seed
 
 
 def _check_ids(input: torch.Tensor) -> None:
@@ -112,61 +104,6 @@ def _check_cu_seqlens(cu_seqlens, input: torch.Tensor) -> None:
     if first != 0 or last != input.numel() or smallest < 0:
         raise ValueError(f"cu_seqlens must rise from 0 to input.numel() = {input.numel()}, "
                          f"got {first} .. {last}")
-
-
-# --------------------------------------------------------------------------------------
-# Seeds
-# --------------------------------------------------------------------------------------
-_RANK_DISTINCT = [True]
-
-
-def set_rank_distinct_noise(enabled: bool) -> None:
-    """Under torch.distributed, embedding noise drawn with ``seed=None`` differs per rank
-    (the default: each data-parallel rank sees other noise, even when every rank was seeded
-    alike, unlike the Hugging Face hook). ``False`` gives every equally seeded rank the same
-    noise; so does passing the same explicit ``seed`` everywhere. NoisyTune is never
-    rank-distinct: replicas must stay identical."""
-    _RANK_DISTINCT[0] = bool(enabled)
-
-
-def rank_seed_mask() -> int:
-    """What the seed is XORed with to make noise rank-distinct: 0 on rank 0, outside
-    torch.distributed, or after ``set_rank_distinct_noise(False)``; used by the host-drawn
-    and the device-drawn (CUDA graph) seeds alike."""
-    dist = torch.distributed
-    if _RANK_DISTINCT[0] and dist.is_available() and dist.is_initialized():
-        return (dist.get_rank() * 0x9E3779B97F4A7C15) % _U64  # golden-ratio odd multiplier
-    return 0
-
-
-def draw_seed(device: torch.device, counters: int, rank_distinct: bool = False):
-    """(seed, offset) for a call that uses ``counters`` Philox counters, from torch's default
-    generator of ``device``: ``torch.manual_seed`` makes runs repeatable, every call differs.
-
-    CPU: a fresh 63-bit seed, offset 0. CUDA: the generator's seed and a counter offset taken
-    from its Philox offset, which is advanced past what the call uses (no device sync). With
-    ``rank_distinct`` the
-    torch.distributed rank is mixed into the seed (see :func:`set_rank_distinct_noise`).
-    """
-    seed, offset = _draw_seed(device, counters)
-    if rank_distinct:
-        seed ^= rank_seed_mask()
-    return seed, offset
-
-
-def _draw_seed(device: torch.device, counters: int):
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        gen = torch.cuda.default_generators[idx]
-        offset = gen.get_offset()
-        # PyTorch's kernels read the generator as curand does: offset o (counted in 32-bit
-        # words) is Philox counter o // 4 of each thread's subsequence, and thread 0's
-        # subsequence is our counter space. Reserving 4 words a counter and starting at
-        # o // 4 gives this call exactly the counters no other draw of the generator uses.
-        gen.set_offset(offset + 4 * counters)
-        return gen.initial_seed() % _U64, offset // 4
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-    return seed, 0
 
 
 # --------------------------------------------------------------------------------------
@@ -254,125 +191,3 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
                                    -1 if padding_idx is None else padding_idx, backend,
                                    reference.round_to_dtype(embed_scale, weight.dtype))
     return out.view(out_shape)
-
-
-# --------------------------------------------------------------------------------------
-# NoisyTune
-# --------------------------------------------------------------------------------------
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
-
-
-def _merged_std(local: torch.Tensor, mesh, placements) -> torch.Tensor:
-    """Unbiased std of the whole DTensor: (count, mean, M2) of each shard, all-gathered over
-    the mesh dims it is sharded on and merged (Chan et al.) in rank order, in float64: no
-    sum-of-squares cancellation, and the same value on every rank."""
-    import torch.distributed as dist
-    x = local.detach().reshape(-1).to(torch.float64)
-    n = float(x.numel())
-    mean = x.mean() if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device)
-    m2 = ((x - mean) ** 2).sum()
-    stat = torch.stack([torch.tensor(n, dtype=torch.float64, device=x.device), mean, m2])
-    for dim, placement in enumerate(placements):
-        if not placement.is_shard():
-            continue  # replicated along this mesh dim: every rank already holds the same
-        group = mesh.get_group(dim)
-        parts = [torch.empty_like(stat) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, stat, group=group)
-        n, mean, m2 = 0.0, torch.zeros((), dtype=torch.float64, device=x.device), stat[2] * 0
-        for part in parts:
-            nb, mb, m2b = float(part[0]), part[1], part[2]
-            if nb == 0:
-                continue
-            total = n + nb
-            delta = mb - mean
-            mean = mean + delta * (nb / total)
-            m2 = m2 + m2b + delta * delta * (n * nb / total)
-            n = total
-        stat = torch.stack([torch.tensor(n, dtype=torch.float64, device=x.device), mean, m2])
-    n, m2 = float(stat[0]), stat[2]
-    return torch.sqrt(m2 / (n - 1)) if n > 1 else torch.zeros_like(m2)
-
-
-def _noisytune_dtensor_(t, lam: float, seed: int, start: int) -> None:
-    """NoisyTune of a sharded parameter (FSDP2 / DTensor): the std of the full matrix and,
-    for every element, the noise it would get unsharded. Runs the reference math on each
-    shard (chunked), not a fused kernel."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    if t.numel() < 2:
-        return
-    local = t.to_local()
-    std = _merged_std(local, t.device_mesh, t.placements).to(local.device)
-    if not bool(torch.isfinite(std)) or float(std) == 0.0:
-        return
-    _, global_offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    reference.noisytune_shard_(local, t.shape, global_offset, std, lam, seed=seed, start=start)
-
-def _unique_tensors(model_or_parameters) -> List[torch.Tensor]:
-    if isinstance(model_or_parameters, torch.nn.Module):
-        tensors = [p for _, p in model_or_parameters.named_parameters()]  # tied: once
-    elif isinstance(model_or_parameters, torch.Tensor):
-        tensors = [model_or_parameters]
-    else:
-        try:
-            tensors = list(model_or_parameters)
-        except TypeError:
-            raise TypeError("noisytune_ takes an nn.Module, a tensor or an iterable of tensors, "
-                            f"got {type(model_or_parameters).__name__}") from None
-    seen, unique = set(), []
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"noisytune_ got a {type(t).__name__} among the tensors")
-        if id(t) not in seen:
-            seen.add(id(t))
-            unique.append(t)
-    return unique
-
-
-@torch.no_grad()
-def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor]],
-               lam: float = 0.15, *, seed: Optional[int] = None,
-               backend: str = "auto") -> Union[torch.nn.Module, List[torch.Tensor]]:
-    """NoisyTune, in place: every tensor W += (U[0, 1) - 0.5) * lam * std(W).
-
-    ``std`` is unbiased over the whole tensor, in float32; tensors with fewer than two
-    elements, std 0 or non-finite std are left unchanged. Each tensor gets its own stretch of
-    the Philox stream (see :mod:`fastnoise.reference`), so the result depends only on the seed
-    and the order of the tensors. Returns what it was given.
-    """
-    lam = check_nonnegative("lam", lam)
-    seed = check_seed(seed)
-    tensors = _unique_tensors(model_or_parameters)
-    for t in tensors:
-        if not t.is_floating_point():
-            raise TypeError(f"noisytune_ perturbs floating-point tensors, got {t.dtype}")
-        if ops.capturing(t):
-            raise RuntimeError("noisytune_ cannot be captured in a CUDA graph: it runs once, "
-                               "before training (its tables are copied from the host)")
-    total = sum((t.numel() + 3) // 4 for t in tensors)
-    if seed is None:
-        device = tensors[0].device if tensors else torch.device("cpu")
-        seed, offset = draw_seed(device, total)
-    else:
-        offset = 0
-    starts = reference.noisytune_offsets([t.numel() for t in tensors], offset)
-    # one backend call per (device, dtype) group; non-contiguous tensors go through a copy
-    groups = {}
-    for t, start in zip(tensors, starts):
-        if _is_dtensor(t):
-            _noisytune_dtensor_(t, lam, seed, start)
-            continue
-        groups.setdefault((t.device, t.dtype), []).append((t, start))
-    for (device, dtype), members in groups.items():
-        resolve_backend(backend, device, dtype, op="noisytune")  # raise before touching any
-        work = [t if t.is_contiguous() else t.contiguous() for t, _ in members]
-        ops.apply_noisytune_(work, lam, ops.as_int64(seed),
-                             [ops.as_int64(s) for _, s in members], backend)
-        for (t, _), w in zip(members, work):
-            if w is not t:
-                t.copy_(w)
-    return model_or_parameters

@@ -19,6 +19,7 @@ import torch
 
 from . import reference
 from .backends import resolve_backend
+from .seeds import draw_seed as draw, rank_seed_mask
 
 _U64 = 1 << 64
 
@@ -56,7 +57,6 @@ def check_id_range(ids: torch.Tensor, num_embeddings: int) -> None:
 def _forward(weight, ids, tok_mag, noise, mag, seed, offset, draw_seed, symmetric, backend,
              embed_scale):
     """The forward: shared by the custom op (compiled graphs) and the eager autograd path."""
-    from .functional import draw_seed as draw, rank_seed_mask
 
     chosen = resolve_backend(backend, weight.device, weight.dtype)
     extra = {}

@@ -13,7 +13,8 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from .functional import check_method, check_nonnegative, noisytune_
+from .functional import check_method, check_nonnegative
+from .noisytune import noisytune_
 from .integrations import patch, unpatch
 
 __all__ = ["FastNoiseCallback"]

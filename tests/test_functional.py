@@ -240,7 +240,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_seed_uses_counters_no_torch_kernel_uses():
     # torch's kernels read offset o as Philox counter o // 4 of each thread (curand): a call
     # that uses c counters starts at o // 4 and moves the generator 4 * c words on
-    from fastnoise.functional import draw_seed
+    from fastnoise.seeds import draw_seed
     torch.cuda.manual_seed(123)
     gen = torch.cuda.default_generators[torch.cuda.current_device()]
     torch.rand(1000, device="cuda")  # moves the offset
