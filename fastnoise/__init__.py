@@ -6,6 +6,7 @@ draw; the Triton, CUDA and C++ CPU backends reproduce it in single fused kernels
 
 from . import reference
 from .backends import BackendUnavailableError, available_backends
+from .errors import BadPackingError, BadTokenIdError, DeviceError, check_errors
 from .functional import METHODS, NOISE_KINDS, noisy_embedding
 from .noisytune import noisytune_
 from .seeds import set_rank_distinct_noise
@@ -15,5 +16,7 @@ from .modules import NoisyEmbedding
 __version__ = "0.1.0"
 __all__ = [
     "noisy_embedding", "noisytune_", "NoisyEmbedding", "patch", "unpatch", "is_patched",
-    "available_backends", "set_rank_distinct_noise", "BackendUnavailableError", "METHODS", "NOISE_KINDS", "reference",
+    "available_backends", "set_rank_distinct_noise", "BackendUnavailableError", "METHODS",
+    "NOISE_KINDS", "reference", "check_errors", "DeviceError", "BadTokenIdError",
+    "BadPackingError",
 ]

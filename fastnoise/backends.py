@@ -6,7 +6,7 @@ A backend is an object with
 * ``unavailable_reason(device, dtype=None) -> Optional[str]``: None when it can run on that
   device (and weight dtype), else a sentence saying what is missing and how to get it;
 * ``embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric,
-  embed_scale=1.0, seed_tensor=None)``: writes the noisy embedding of the flat ids (N,) into
+  embed_scale=1.0, seed_tensor=None, error=None)``: writes the noisy embedding of the flat ids (N,) into
   ``out`` (N, d), or (2N, d) when symmetric (rows [0, N) = e + n, [N, 2N) = e - n).
   ``tok_mag`` is None (use the float ``mag``) or a float32 (N,) per-token scale. ``seed``,
   ``offset`` are ints in [0, 2**64). ``embed_scale`` (a float, Gemma's scaled embedding,
@@ -17,12 +17,14 @@ A backend is an object with
   e.g. -5 -> 2**64 - 5) and the offset is 0 (``offset`` is ignored). The kernels read it at
   run time, on the device (no host sync, no ``.item()``), so a graph captured around
   ``torch.randint`` + the forward draws new noise on every replay. Ids out of range (< 0 or
-  >= V; the frontend rejects them before any kernel, except inside a captured graph where it
-  cannot check) never read out of bounds and never give a silently wrong row: a kernel
-  either raises (CPU) or writes NaN for the whole output row of that token (Triton, CUDA);
+  >= V) never read out of bounds and never give a silently wrong row: the kernel either
+  raises at once (C++ CPU; the reference) or writes NaN for the whole output row of that
+  token and records the bad id in ``error`` (None, or the device's int64 (4,) buffer of
+  :mod:`fastnoise.errors`: ``error[1] = id``, ``error[2] = V``, then ``error[0] = 1``, by
+  atomic exchange; ids in range never touch it) (Triton, CUDA);
 * ``embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, deterministic,
   embed_scale=1.0)`` -> the weight's gradient (num_weights, d), dtype of ``grad_out``,
-  accumulated in float32: ``embed_scale * (the grad rows summed per id)``, each float32
+  accumulated in float32 (float64 for a float64 ``grad_out``): ``embed_scale * (the grad rows summed per id)``, each float32
   token row (the pair's halves summed first) multiplied by float32(embed_scale) before it
   is accumulated; ids out of range contribute nothing (never written out of bounds) or
   raise (CPU);
@@ -73,7 +75,7 @@ class ReferenceBackend:
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
-                          symmetric, embed_scale=1.0, seed_tensor=None):
+                          symmetric, embed_scale=1.0, seed_tensor=None, error=None):
         if seed_tensor is not None:
             # the definition; a host sync (the reference is not meant for graph capture)
             seed, offset = int(seed_tensor.reshape(-1)[0].item()) % 2**64, 0

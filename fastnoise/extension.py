@@ -93,7 +93,7 @@ class ExtensionBackend:
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
-                          symmetric, embed_scale=1.0, seed_tensor=None):
+                          symmetric, embed_scale=1.0, seed_tensor=None, error=None):
         try:
             code = NOISE_CODES[noise]
         except KeyError:

@@ -10,12 +10,13 @@ frontend is :mod:`fastnoise.noisytune`.
 from __future__ import annotations
 
 import math
+import operator
 from numbers import Real
 from typing import Optional
 
 import torch
 
-from . import ops, reference
+from . import errors, ops, reference
 from .backends import get_backend
 from .seeds import check_seed
 
@@ -41,6 +42,7 @@ def check_noise(noise: str) -> str:
 
 
 def check_method(method: str):
+    """(noise kind, symmetric) of a method name; "" and other non-methods raise."""
     try:
         return METHODS[method]
     except (KeyError, TypeError):
@@ -94,16 +96,54 @@ def _check_like_input(name: str, value, input: torch.Tensor) -> None:
 
 
 def _check_cu_seqlens(cu_seqlens, input: torch.Tensor) -> None:
+    """Metadata only; the values are checked on the device (no host sync)."""
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
-            or cu_seqlens.is_floating_point() or cu_seqlens.numel() < 1):
-        raise ValueError("cu_seqlens must be a 1-D integer tensor of sequence boundaries")
-    steps = cu_seqlens[1:] - cu_seqlens[:-1]
-    first, last, smallest = torch.stack([cu_seqlens[0], cu_seqlens[-1],
-                                         steps.min() if steps.numel() else cu_seqlens[0] * 0]
-                                        ).tolist()
-    if first != 0 or last != input.numel() or smallest < 0:
-        raise ValueError(f"cu_seqlens must rise from 0 to input.numel() = {input.numel()}, "
-                         f"got {first} .. {last}")
+            or cu_seqlens.is_floating_point() or cu_seqlens.is_complex()
+            or cu_seqlens.dtype == torch.bool or cu_seqlens.numel() < 1):
+        raise ValueError("cu_seqlens must be a 1-D integer tensor of sequence boundaries "
+                         "[0, len_0, len_0 + len_1, ..., input.numel()]")
+    if cu_seqlens.device != input.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, input on {input.device}")
+
+
+def check_padding_idx(padding_idx, num_embeddings: int) -> Optional[int]:
+    """None, or an int in [-V, V) normalised to [0, V) (as nn.Embedding)."""
+    if padding_idx is None:
+        return None
+    try:
+        if isinstance(padding_idx, (bool, torch.Tensor)):
+            raise TypeError
+        padding_idx = operator.index(padding_idx)
+    except TypeError:
+        raise TypeError(f"padding_idx must be an int or None, got "
+                        f"{type(padding_idx).__name__} {padding_idx!r}") from None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx {padding_idx} is out of range for "
+                         f"{num_embeddings} embeddings")
+    return padding_idx % num_embeddings
+
+
+def _packing_scale(input, alpha, d, length, attention_mask, position_ids, cu_seqlens):
+    """The per-token scale (N,) for masks and packed rows, with the packing inputs' values
+    checked on the device: invalid ones make the scale NaN and are recorded for
+    :mod:`fastnoise.errors` (raised at once on the CPU, by a later call on CUDA)."""
+    n = input.numel()
+    segments, n_segments, valid, code = None, None, None, 0
+    if cu_seqlens is not None:
+        segments = reference.segments_from_cu_seqlens(cu_seqlens, n)
+        n_segments = cu_seqlens.numel() - 1
+        valid, code = reference.packing_is_valid(n, cu_seqlens=cu_seqlens), errors.BAD_CU_SEQLENS
+    elif position_ids is not None:
+        segments = reference.segments_from_position_ids(position_ids)
+        valid = reference.packing_is_valid(n, position_ids=position_ids)
+        code = errors.BAD_POSITION_IDS
+    tok_mag = reference.token_scale(alpha, d, seq_len=length, attention_mask=attention_mask,
+                                    segments=segments, n_segments=n_segments, valid=valid)
+    if valid is not None and not torch.compiler.is_compiling():
+        errors.record_invalid_packing(input.device, valid, code, n)
+        if input.device.type == "cpu":
+            errors.after_call(input.device)
+    return tok_mag
 
 
 # --------------------------------------------------------------------------------------
@@ -151,17 +191,15 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     _check_ids(input)
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but weight is on {weight.device}")
-    if padding_idx is not None:
-        if not -weight.shape[0] <= padding_idx < weight.shape[0]:
-            raise ValueError(f"padding_idx {padding_idx} is out of range for "
-                             f"{weight.shape[0]} embeddings")
-        padding_idx %= weight.shape[0]
+    padding_idx = check_padding_idx(padding_idx, weight.shape[0])
     d = weight.shape[1]
     _check_like_input("attention_mask", attention_mask, input)
     _check_like_input("position_ids", position_ids, input)
-    if cu_seqlens is not None and not (torch.compiler.is_compiling() or ops.capturing(input)):
-        _check_cu_seqlens(cu_seqlens, input)  # syncs; compiled and captured graphs skip it
-
+    if cu_seqlens is not None:
+        if position_ids is not None:
+            raise ValueError("pass position_ids or cu_seqlens, not both: each defines the "
+                             "packed sequences")
+        _check_cu_seqlens(cu_seqlens, input)
     if backend != "auto":
         get_backend(backend)  # an unknown name fails here; availability inside the op
     if symmetric:
@@ -170,24 +208,19 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
         out_shape = (2 * input.shape[0],) + tuple(input.shape[1:]) + (d,)
     else:
         out_shape = tuple(input.shape) + (d,)
-    if input.numel() == 0:
-        return weight.new_empty(out_shape)
 
-    length = input.shape[-1] if input.dim() > 0 else 1
-    tok_mag, mag = None, reference.noise_scale(alpha, length, d)
-    segments = None
-    if cu_seqlens is not None:
-        segments = reference.segments_from_cu_seqlens(cu_seqlens, input.numel())
-    elif position_ids is not None:
-        segments = reference.segments_from_position_ids(position_ids)
-    if attention_mask is not None or segments is not None:
-        tok_mag = reference.token_scale(alpha, d, seq_len=length, attention_mask=attention_mask,
-                                        segments=segments)
-    ids = input.reshape(-1).contiguous()
-    if weight.stride(1) != 1:
+    length = input.shape[-1] if input.dim() > 0 else 1  # a symbolic size under compile
+    tok_mag = None
+    if attention_mask is not None or position_ids is not None or cu_seqlens is not None:
+        tok_mag = _packing_scale(input, alpha, d, length, attention_mask, position_ids,
+                                 cu_seqlens)
+    ids = input.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    if d > 1 and weight.stride(1) != 1:
         weight = weight.contiguous()
-    out = ops.call_noisy_embedding(weight, ids, tok_mag, noise, mag, ops.as_int64(seed or 0), 0,
-                                   seed is None, symmetric,
+    out = ops.call_noisy_embedding(weight, ids, tok_mag, noise, alpha, length,
+                                   ops.as_int64(seed or 0), 0, seed is None, symmetric,
                                    -1 if padding_idx is None else padding_idx, backend,
                                    reference.round_to_dtype(embed_scale, weight.dtype))
     return out.view(out_shape)

@@ -44,16 +44,27 @@ NoisyTune. Tensors are taken in the order given (a module's parameters in
 counter ``start_t + i // 4`` and word ``i % 4``, as ``uniform01``. Skipped tensors still take
 their counters, so the noise of a tensor depends only on its position.
 
-Scale. ``mag = float32(alpha / sqrt(L * d))`` computed in float64 and rounded once. ``L`` is
-the padded length (last dim of the ids); for packed rows, each segment's length (segments
-start where ``position_ids`` is 0, or at ``cu_seqlens`` boundaries); with an
-``attention_mask``, only nonzero mask entries count, and masked tokens and sequences of
-length 0 get ``mag = 0``. Output:
+Scale. ``mag = float32(alpha / sqrt(L * d))`` computed in float64 and rounded once (0 when
+``L * d == 0``). ``L`` is the padded length (last dim of the ids); for packed rows, each
+segment's length (segments start where ``position_ids`` is 0, or at ``cu_seqlens``
+boundaries; empty segments are allowed); with an ``attention_mask``, only nonzero mask
+entries count, and masked tokens and sequences of length 0 get ``mag = 0``. Invalid
+``cu_seqlens`` (not rising from 0 to the token count) or negative ``position_ids`` give every
+token ``mag = NaN`` (found on the device, so no host sync; the frontend reports it). Output:
 ``out = dtype(float32(e) + float32(xi * mag))`` (and ``e - n`` for the second half of a
 symmetric pair); float64 weights add in float64. A scaled embedding (Gemma: ``embed_scale``,
 rounded to the weight's dtype) first rounds ``e = dtype(e * embed_scale)``, then adds the
-noise; its gradient is ``embed_scale * grad``. NoisyTune: ``s = float32(lam) * std(W)`` (unbiased, float32),
-``W = dtype(float32(W) + (u - 0.5) * s)``.
+noise; its gradient is ``embed_scale * grad``, accumulated in float32 (float64 for float64
+gradients).
+
+NoisyTune statistics and arithmetic: ``n = numel(W)``; ``std64`` is the unbiased standard
+deviation over the whole tensor computed in float64 from the exact values (any stable
+algorithm: backends agree to float64 rounding). float32/float16/bfloat16 tensors:
+``s = float32(float32(lam) * float32(std64))`` and ``W = dtype(float32(W) + (u - 0.5) * s)``;
+float64 tensors: ``s = lam * std64`` and ``W = W + (float64(u) - 0.5) * s``, in float64. A
+tensor with ``n < 2``, or whose ``s`` is 0 or not finite, stays unchanged (the published
+snippet turns such tensors into NaN). Sharded parameters pass the full tensor's ``std64``
+(``stds``) instead of computing it from their shard.
 """
 
 from __future__ import annotations
@@ -69,7 +80,8 @@ __all__ = [
     "philox4x32", "uniform01", "noise_words", "draw_noise", "noise_scale", "token_scale",
     "segments_from_position_ids", "segments_from_cu_seqlens",
     "noisy_embedding", "embedding_backward", "noisytune_offsets", "noisytune_",
-    "uniform01_at", "noisytune_shard_",
+    "uniform01_at", "noisytune_shard_", "noisytune_scale", "std64", "accumulation_dtype",
+    "packing_is_valid",
 ]
 
 M32 = 0xFFFFFFFF
@@ -191,8 +203,8 @@ def draw_noise(noise: str, n_rows: int, d: int, seed: int, offset: int = 0,
 # Scale
 # --------------------------------------------------------------------------------------
 def noise_scale(alpha: float, length: int, d: int) -> float:
-    """mag = alpha / sqrt(L * d), in float64 rounded once to float32 (0 when L == 0)."""
-    if length <= 0:
+    """mag = alpha / sqrt(L * d), in float64 rounded once to float32 (0 when L * d == 0)."""
+    if length <= 0 or d <= 0:
         return 0.0
     return round_to_float32(float(alpha) / math.sqrt(float(length) * float(d)))
 
@@ -236,21 +248,42 @@ def segments_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Flat segment index of each token from flash-attention style boundaries
-    ``cu_seqlens = [0, len_0, len_0 + len_1, ..., n_tokens]``."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
-                                   output_size=n_tokens)
+    ``cu_seqlens = [0, len_0, len_0 + len_1, ..., n_tokens]`` (empty sequences allowed):
+    token t is in the last segment whose start is <= t. Always in [0, S) for S =
+    len(cu_seqlens) - 1 segments, also for invalid boundaries (no out-of-bounds index;
+    :func:`packing_is_valid` tells them apart)."""
+    tokens = torch.arange(n_tokens, device=cu_seqlens.device, dtype=torch.int64)
+    segments = torch.searchsorted(cu_seqlens.to(torch.int64).contiguous(), tokens, right=True) - 1
+    return segments.clamp_(0, max(cu_seqlens.numel() - 2, 0))
+
+
+def packing_is_valid(n_tokens: int, cu_seqlens: Optional[torch.Tensor] = None,
+                     position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A 0-d bool tensor on the device (no host sync): ``cu_seqlens`` rises from 0 to
+    ``n_tokens`` without going down, and ``position_ids`` are >= 0."""
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(torch.int64)
+        ok = (cu[0] == 0) & (cu[-1] == n_tokens)
+        if cu.numel() > 1:
+            ok = ok & (cu[1:] >= cu[:-1]).all()
+        return ok
+    if position_ids is not None and position_ids.numel():
+        return (position_ids >= 0).all()
+    return torch.ones((), dtype=torch.bool)
 
 
 def token_scale(alpha: float, d: int, *, seq_len: int,
                 attention_mask: Optional[torch.Tensor] = None,
-                segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segments: Optional[torch.Tensor] = None, n_segments: Optional[int] = None,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-token float32 mag, flattened (N,).
 
     L is the length of the token's sequence: by default each row of ``seq_len`` tokens,
-    or the packed segment given by ``segments`` (flat segment index per token). With an
-    ``attention_mask`` L counts only the nonzero mask entries and masked tokens get 0; a
-    sequence with L == 0 gets 0 (no division by zero).
+    or the packed segment given by ``segments`` (flat segment index per token, in
+    ``[0, n_segments)``; ``n_segments`` defaults to N). With an ``attention_mask`` L counts
+    only the nonzero mask entries and masked tokens get 0; a sequence with L == 0 gets 0 (no
+    division by zero). ``valid`` (a 0-d bool tensor, :func:`packing_is_valid`) False makes
+    every entry NaN.
     """
     if attention_mask is not None:
         keep = (attention_mask != 0).reshape(-1)
@@ -261,11 +294,15 @@ def token_scale(alpha: float, d: int, *, seq_len: int,
     if segments is None:
         segments = torch.arange(keep.numel(), device=keep.device) // seq_len
     keep = keep.to(segments.device)
-    # at most one segment per token: an (N,) table needs no sync to size it
-    lengths = torch.zeros(segments.numel(), dtype=torch.float64, device=segments.device)
+    # the table's size is known without a sync: N, or the number of cu_seqlens segments
+    size = segments.numel() if n_segments is None else n_segments
+    lengths = torch.zeros(max(size, 1), dtype=torch.float64, device=segments.device)
     lengths.index_add_(0, segments, keep.to(torch.float64))
     mag = float(alpha) / torch.sqrt(lengths[segments] * float(d))  # inf where L == 0: masked
     mag = torch.where(keep, mag, torch.zeros((), dtype=torch.float64, device=mag.device))
+    if valid is not None:
+        mag = torch.where(valid.to(mag.device), mag,
+                          torch.full((), math.nan, dtype=torch.float64, device=mag.device))
     return mag.to(torch.float32)
 
 
@@ -303,19 +340,39 @@ def noisy_embedding(ids: torch.Tensor, weight: torch.Tensor, *, noise: str,
 def embedding_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_weights: int, *,
                        padding_idx: Optional[int] = None, symmetric: bool = False,
                        embed_scale: float = 1.0) -> torch.Tensor:
-    """Gradient of the weight (float32) from grad_out (N, d) or (2N, d) for a pair:
-    ``embed_scale * sum of grad_out rows per id`` (accumulated in float32)."""
+    """Gradient of the weight from grad_out (N, d) or (2N, d) for a pair:
+    ``embed_scale * sum of grad_out rows per id``, accumulated (and returned) in float32, or
+    in float64 for a float64 ``grad_out``."""
     n = ids.numel()
-    g = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
+    acc = accumulation_dtype(grad_out.dtype)
+    g = grad_out.reshape(-1, grad_out.shape[-1]).to(acc)
     if symmetric:
         g = g[:n] + g[n:]
     if embed_scale != 1.0:
-        g = g * torch.tensor(embed_scale, dtype=torch.float32, device=g.device)
-    grad = torch.zeros(num_weights, g.shape[1], dtype=torch.float32, device=g.device)
+        g = g * torch.tensor(embed_scale, dtype=acc, device=g.device)
+    grad = torch.zeros(num_weights, g.shape[1], dtype=acc, device=g.device)
     grad.index_add_(0, ids.reshape(-1).long(), g)
     if padding_idx is not None:
         grad[padding_idx] = 0
     return grad
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32/16-bit gradients and NoisyTune arithmetic, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def noisytune_scale(lam: float, std64: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """NoisyTune's ``s`` (a 0-d tensor in the arithmetic dtype) from the float64 std, or None
+    when the tensor stays unchanged (s is 0 or not finite). A host read: the reference's."""
+    if dtype == torch.float64:
+        s = torch.tensor(float(lam), dtype=torch.float64) * std64.to(torch.float64).cpu()
+    else:
+        s = (torch.tensor(float(lam), dtype=torch.float32)
+             * std64.to(torch.float64).cpu().to(torch.float32))
+    if not bool(torch.isfinite(s)) or float(s) == 0.0:
+        return None
+    return s
 
 
 def noisytune_offsets(numels: Sequence[int], offset: int = 0) -> list:
@@ -340,8 +397,11 @@ def noisytune_shard_(local: torch.Tensor, global_shape: Sequence[int],
                      global_offset: Sequence[int], std: torch.Tensor, lam: float, *,
                      seed: int, start: int, chunk: int = 1 << 22) -> None:
     """NoisyTune of one shard (a box of the full tensor at ``global_offset``) in place, with
-    the full tensor's ``std``: each element gets the noise it gets unsharded."""
+    the full tensor's float64 ``std``: each element gets the noise it gets unsharded."""
     if local.numel() == 0:
+        return
+    s = noisytune_scale(lam, std, local.dtype)
+    if s is None:
         return
     strides = [1] * len(global_shape)
     for dim in range(len(global_shape) - 2, -1, -1):
@@ -352,34 +412,42 @@ def noisytune_shard_(local: torch.Tensor, global_shape: Sequence[int],
         idx = (torch.arange(size, device=local.device) + int(global_offset[dim])) * strides[dim]
         flat = flat.unsqueeze(-1) + idx
     flat = flat.reshape(-1)
-    s = torch.tensor(lam, dtype=torch.float32, device=local.device) * std.to(torch.float32)
+    acc = accumulation_dtype(local.dtype)
+    s = s.to(local.device)
     view = local.view(-1) if local.is_contiguous() else None
     x = local.reshape(-1)
     out = torch.empty_like(x)
     for at in range(0, flat.numel(), chunk):
         part = slice(at, at + chunk)
-        u = uniform01_at(seed, start, flat[part])
-        out[part] = (x[part].to(torch.float32) + (u - 0.5) * s).to(local.dtype)
+        u = uniform01_at(seed, start, flat[part]).to(acc)
+        out[part] = (x[part].to(acc) + (u - 0.5) * s).to(local.dtype)
     if view is not None:
         view.copy_(out)
     else:
         local.copy_(out.view(local.shape))
 
 
+def std64(t: torch.Tensor) -> torch.Tensor:
+    """The unbiased std of the whole tensor, in float64 (NoisyTune's statistic)."""
+    return t.detach().reshape(-1).to(torch.float64).std()
+
+
 @torch.no_grad()
 def noisytune_(tensors: Iterable[torch.Tensor], lam: float, *, seed: int,
-               offset: int = 0) -> None:
-    """W += (u - 0.5) * lam * std(W) for each tensor, in place (the contract above)."""
+               offset: int = 0, stds: Optional[Sequence[float]] = None) -> None:
+    """W += (u - 0.5) * lam * std(W) for each tensor, in place (the contract above).
+    ``stds`` (float64 stds, one per tensor) replace the tensors' own statistics."""
     tensors = list(tensors)
     starts = noisytune_offsets([t.numel() for t in tensors], offset)
-    for t, start in zip(tensors, starts):
+    for k, (t, start) in enumerate(zip(tensors, starts)):
         numel = t.numel()
         if numel < 2:
             continue
-        x = t.detach().to(torch.float32).reshape(-1)
-        std = x.std()
-        if not bool(torch.isfinite(std)) or float(std) == 0.0:
+        std = std64(t) if stds is None else torch.tensor(float(stds[k]), dtype=torch.float64)
+        s = noisytune_scale(lam, std, t.dtype)
+        if s is None:
             continue
-        s = torch.tensor(lam, dtype=torch.float32, device=x.device) * std
+        acc = accumulation_dtype(t.dtype)
+        x = t.detach().to(acc).reshape(-1)
         u = uniform01(noise_words(seed, start, (numel + 3) // 4, x.device)).reshape(-1)[:numel]
-        t.copy_((x + (u - 0.5) * s).reshape(t.shape).to(t.dtype))
+        t.copy_((x + (u.to(acc) - 0.5) * s.to(x.device)).reshape(t.shape).to(t.dtype))

@@ -7,6 +7,7 @@ frontends check user seeds here.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -17,16 +18,19 @@ _U64 = 1 << 64
 
 
 def check_seed(seed) -> Optional[int]:
+    """None, or a 64-bit seed: anything ``operator.index`` takes (int, numpy integers), in
+    [0, 2**64)."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    # a tensor would be read back to the host (a device sync): pass a Python/NumPy integer
+    if isinstance(seed, (bool, torch.Tensor)) or not hasattr(type(seed), "__index__"):
+        raise TypeError(f"seed must be an integer or None, got {type(seed).__name__}")
+    seed = operator.index(seed)
     if not 0 <= seed < _U64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return seed
 
 
-# --------------------------------------------------------------------------------------
 _RANK_DISTINCT = [True]
 
 

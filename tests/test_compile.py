@@ -19,9 +19,10 @@ def test_opcheck_noisy_embedding(backend, symmetric):
     weight = torch.randn(30, 12, requires_grad=True)
     ids = torch.randint(0, 30, (17,))
     tok_mag = torch.rand(17)
-    for args in [(weight, ids, None, "uniform", 0.1, ops.as_int64(2**63 + 7), 5, False,
+    for args in [(weight, ids, None, "uniform", 0.1, 17, ops.as_int64(2**63 + 7), 5, False,
                   symmetric, 3, backend),
-                 (weight, ids, tok_mag, "bernoulli", 0.0, 1, 0, False, symmetric, -1, backend)]:
+                 (weight, ids, tok_mag, "bernoulli", 0.0, 17, 1, 0, False, symmetric, -1,
+                  backend)]:
         torch.library.opcheck(torch.ops.fastnoise.noisy_embedding.default, args)
     grad = torch.randn(34 if symmetric else 17, 12)
     torch.library.opcheck(torch.ops.fastnoise.noisy_embedding_backward.default,
@@ -38,11 +39,11 @@ def test_opcheck_noisytune(backend):
 
 def test_op_matches_reference_with_a_uint64_seed():
     weight, ids = torch.randn(20, 9), torch.randint(0, 20, (6,))
-    out = torch.ops.fastnoise.noisy_embedding(weight, ids, None, "uniform", 0.5,
+    out = torch.ops.fastnoise.noisy_embedding(weight, ids, None, "uniform", 0.5, 6,
                                               ops.as_int64(2**64 - 3), ops.as_int64(2**63),
                                               False, False, -1, "reference")
-    expect = R.noisy_embedding(ids, weight, noise="uniform", mag=0.5, seed=2**64 - 3,
-                               offset=2**63)
+    expect = R.noisy_embedding(ids, weight, noise="uniform", mag=R.noise_scale(0.5, 6, 9),
+                               seed=2**64 - 3, offset=2**63)
     assert torch.equal(out, expect)
 
 

@@ -18,8 +18,8 @@ template <typename index_t>
 void check_ids_in_range(const index_t* ids, int64_t n, int64_t num_weights) {
   for (int64_t r = 0; r < n; ++r) {
     const int64_t id = static_cast<int64_t>(ids[r]);
-    TORCH_CHECK(id >= 0 && id < num_weights, "fastnoise: ids[", r, "] = ", id,
-                " is out of range for an embedding table of ", num_weights, " rows");
+    TORCH_CHECK_INDEX(id >= 0 && id < num_weights, "fastnoise: token id ", id, " (ids[", r,
+                      "]) is out of range [0, ", num_weights, ")");
   }
 }
 
