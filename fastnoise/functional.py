@@ -51,12 +51,14 @@ def check_method(method: str):
 
 def check_nonnegative(name: str, value) -> float:
     value = _check_finite(name, value)
-    if value < 0:
+    if not torch.compiler.is_compiling() and value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 
 def _check_finite(name: str, value) -> float:
+    if torch.compiler.is_compiling():
+        return value  # may be symbolic (dynamic=True); NoisyEmbedding checked it when built
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(float(value)):
@@ -222,5 +224,5 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     out = ops.call_noisy_embedding(weight, ids, tok_mag, noise, alpha, length,
                                    ops.as_int64(seed or 0), 0, seed is None, symmetric,
                                    -1 if padding_idx is None else padding_idx, backend,
-                                   reference.round_to_dtype(embed_scale, weight.dtype))
+                                   embed_scale)
     return out.view(out_shape)

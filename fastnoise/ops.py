@@ -62,6 +62,11 @@ def _scale(alpha: float, length: int, d: int) -> float:
     return reference.noise_scale(alpha, length, d)
 
 
+@functools.lru_cache(maxsize=256)
+def _embed_scale(embed_scale: float, dtype: torch.dtype) -> float:
+    return reference.round_to_dtype(embed_scale, dtype)
+
+
 # --------------------------------------------------------------------------------------
 # Argument checks of the ops: public entry points (torch.compile calls them, so can users).
 # Metadata only (shape, stride, dtype, device): no host sync.
@@ -120,6 +125,7 @@ def _forward(weight, ids, tok_mag, noise, alpha, length, seed, offset, draw_seed
     chosen = resolve_backend(backend, weight.device, weight.dtype)
     d = weight.shape[1]
     mag = _scale(float(alpha), int(length), d)
+    embed_scale = _embed_scale(float(embed_scale), weight.dtype)
     extra = {}
     if capturing(weight):
         # Inside a CUDA graph a host-drawn seed would be frozen into the graph: draw it on
@@ -153,6 +159,7 @@ def _forward(weight, ids, tok_mag, noise, alpha, length, seed, offset, draw_seed
 
 def _backward(grad_out, ids, num_weights, padding_idx, symmetric, backend, embed_scale):
     check_backward_args(grad_out, ids, num_weights, symmetric)
+    embed_scale = _embed_scale(float(embed_scale), grad_out.dtype)  # as the forward rounded it
     chosen = resolve_backend(backend, grad_out.device, grad_out.dtype, op="backward")
     if grad_out.shape[0] == 0 or grad_out.shape[1] == 0:
         return grad_out.new_zeros(num_weights, grad_out.shape[1])
@@ -168,6 +175,7 @@ def _grad_of_backward(grad_grad_weight, ids, padding_idx, symmetric, embed_scale
     rows = grad_grad_weight.index_select(0, ids.long())
     if padding_idx >= 0:
         rows = rows * (ids != padding_idx).unsqueeze(-1).to(rows.dtype)
+    embed_scale = _embed_scale(float(embed_scale), grad_grad_weight.dtype)
     if embed_scale != 1.0:
         rows = rows * embed_scale
     return torch.cat([rows, rows]) if symmetric else rows
@@ -185,8 +193,8 @@ def noisy_embedding(weight: torch.Tensor, ids: torch.Tensor, tok_mag: Optional[t
     here, so ``length`` may be a symbolic size under torch.compile) or the per-token
     ``tok_mag``; ``padding_idx`` < 0 means none (it only matters for the gradient). With
     ``draw_seed`` the seed/offset arguments are ignored and drawn from the device's default
-    generator (rank-distinct under torch.distributed). ``embed_scale`` (already rounded to
-    the weight's dtype) scales the rows first (Gemma)."""
+    generator (rank-distinct under torch.distributed). ``embed_scale`` (rounded here to the
+    weight's dtype, as the model's own scaled embedding does) scales the rows first (Gemma)."""
     return _forward(weight, ids, tok_mag, noise, alpha, length, seed, offset, draw_seed,
                     symmetric, backend, embed_scale)
 

@@ -119,3 +119,55 @@ def test_compile_reduce_overhead_changes_noise_per_call():
     ids = torch.randint(0, 50, (3, 8), device="cuda")
     outs = [compiled(ids).clone() for _ in range(4)]
     assert not torch.equal(outs[2], outs[3])
+
+
+class _Packed(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.emb = fastnoise.NoisyEmbedding(50, 16, padding_idx=0, **kwargs)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, ids, mask=None, position_ids=None):
+        return self.head(self.emb(ids, attention_mask=mask, position_ids=position_ids))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("inputs", ["ids", "mask", "position_ids"])
+@pytest.mark.parametrize("method", ["neftune", "symnoise"])
+def test_compile_with_varying_lengths_has_no_graph_break(compiler, inputs, method):
+    """Dynamic shapes: the scale comes from a symbolic length; one graph, no break, and
+    each length gets the eager result's gradient and its own scale."""
+    torch._dynamo.reset()
+    noise, symmetric = fastnoise.METHODS[method]
+    model = _Packed(noise=noise, symmetric=symmetric).train()
+    compiled = torch.compile(model, fullgraph=True, backend=compiler, dynamic=True)
+    for length in (5, 7, 12):
+        ids = torch.randint(1, 50, (2, length))
+        kwargs = {}
+        if inputs == "mask":
+            kwargs["mask"] = torch.ones(2, length, dtype=torch.long)
+            kwargs["mask"][0, -2:] = 0
+        elif inputs == "position_ids":
+            pos = torch.arange(length).repeat(2, 1)
+            pos[1, 3:] -= 3
+            kwargs["position_ids"] = pos
+        out = compiled(ids, **kwargs)
+        out.sum().backward()
+        grad = model.emb.weight.grad.clone()
+        model.zero_grad()
+        model(ids, **kwargs).sum().backward()
+        torch.testing.assert_close(grad, model.emb.weight.grad)
+        model.zero_grad()
+        # the noise of the compiled call has the eager scale for this length
+        delta = model.emb(ids, **{"attention_mask" if k == "mask" else k: v
+                                  for k, v in kwargs.items()})
+        expect_mag = R.noise_scale(5.0, length, 16)
+        if inputs == "ids":
+            noise_part = delta[:2] - F.embedding(ids, model.emb.weight)
+            bound = expect_mag * (1.0 if noise != "gaussian" else 6.0)
+            assert float(noise_part.abs().max()) <= bound * (1 + 1e-6)
+            if noise == "bernoulli":
+                torch.testing.assert_close(noise_part.abs(),
+                                           torch.full_like(noise_part, expect_mag))
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"], dict(counters["graph_break"])

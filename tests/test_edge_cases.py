@@ -269,3 +269,26 @@ def test_noisytune_statistics_rule(backend):
             # float64: stds from other summation orders may differ in the last bit
             assert torch.equal(w, e) or (dtype == torch.float64 and torch.allclose(
                 w, e, rtol=0, atol=1e-15 * float(e.abs().max()))), (dtype, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_bad_ids_surface_at_the_next_call_or_check_errors(backend):
+    if backend not in fastnoise.available_backends("cuda"):
+        pytest.skip(f"{backend} not available")
+    weight = torch.randn(10, 64, device="cuda")
+    bad = torch.tensor([[1, 12, 3]], device="cuda")
+    good = torch.tensor([[1, 2, 3]], device="cuda")
+    out = fastnoise.noisy_embedding(bad, weight, backend=backend)  # no sync: no raise here
+    assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, [0, 2]]).all()
+    with pytest.raises(IndexError, match=r"token id 12 is out of range \[0, 10\)"):
+        fastnoise.check_errors()
+    fastnoise.noisy_embedding(bad, weight, backend=backend)
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match="earlier fastnoise call"):
+        fastnoise.noisy_embedding(good, weight, backend=backend)
+    fastnoise.check_errors()  # reported once
+    assert torch.isfinite(fastnoise.noisy_embedding(good, weight, backend=backend)).all()
+    # the context survives: plain CUDA work still runs
+    assert float((weight * 2).sum()) == pytest.approx(2 * float(weight.sum()), rel=1e-5)
