@@ -231,15 +231,14 @@ def _noisy_embedding_fwd_kernel(
     ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     valid = (ids >= 0) & (ids < V)
     if HAS_ERROR:
-        if pid_d == 0:
-            # C1: error[1] = a bad id, error[2] = V, then error[0] = 1, predicated per row on
-            # the row being bad: good rows issue no memory traffic, and there is no reduction
-            # over the tile (across warps it would need shared memory and a barrier)
-            bad = row_mask & ~valid
-            at = error_ptr + rows * 0
-            tl.atomic_xchg(at + 1, ids, mask=bad, sem="relaxed")
-            tl.atomic_xchg(at + 2, ids * 0 + V, mask=bad, sem="relaxed")
-            tl.atomic_xchg(at, ids * 0 + 1, mask=bad, sem="release")
+        # C1: error[1] = a bad id, error[2] = V, then error[0] = 1, predicated per row on the
+        # row being bad: good rows issue no memory traffic, and there is no reduction over
+        # the tile (across warps it would need shared memory and a barrier)
+        bad = row_mask & ~valid
+        at = error_ptr + rows * 0
+        tl.atomic_xchg(at + 1, ids, mask=bad, sem="relaxed")
+        tl.atomic_xchg(at + 2, ids * 0 + V, mask=bad, sem="relaxed")
+        tl.atomic_xchg(at, ids * 0 + 1, mask=bad, sem="release")
     ids = tl.where(valid, ids, 0)
     e = tl.load(w_ptr + ids[:, None] * w_row_stride + cols[None, :],
                 mask=mask & valid[:, None], other=0.0)
