@@ -17,8 +17,7 @@ random words can be laid out like its 16-byte vectors of data (no shared-memory 
    flag (n < 2, s not finite or 0). float32 statistics would overflow from a std of ~1e18
    and miss the reference's std by float32 rounding.
    Given ``stds`` (C5, e.g. a sharded tensor's global std), s is computed on the host by the
-   same rule and those tensors skip this pass: they sit after the computed ones in the table,
-   so the stats grid covers only the computed tensors' chunks.
+   same rule and this pass is skipped.
 2. perturb: each chunk draws its Philox words (counter start + i // 4, word i % 4) and adds
    (u - 0.5) * s in place.
 
@@ -222,8 +221,8 @@ def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
 
 def noisytune_(tensors, lam, *, seed, starts, stds=None):
     """Perturb every tensor in place; tensor k draws from counter starts[k] on and, with
-    ``stds`` (floats, C5), uses stds[k] as its std64. Two launches per (device, dtype) present
-    (one when every std is given). Every tensor is checked before any is touched."""
+    ``stds`` (a float per tensor, C5), uses stds[k] as its std64. Two launches per (device,
+    dtype) present (one with stds). Every tensor is checked before any is touched."""
     tensors = list(tensors)
     if len(starts) != len(tensors) or stds is not None and len(stds) != len(tensors):
         raise ValueError(f"noisytune_: {len(tensors)} tensors, {len(starts)} starts"
@@ -254,28 +253,23 @@ def _given_stats(lam, stds, numels):
 
 
 def _launch(device, members, lam, seed_lo, seed_hi, dtype_code):
-    # tensors with a computed std first: the stats grid covers exactly their chunks
-    members = sorted(members, key=lambda m: m[2] is not None)
-    n_computed = sum(m[2] is None for m in members)
     rows, first = [], 0
     for t, start, _ in members:
         rows.append((t.data_ptr(), t.numel(), as_int64(start), first))
         first += triton.cdiv(t.numel(), CHUNK)
-    stats_chunks = rows[n_computed][3] if n_computed < len(rows) else first
     meta = torch.tensor(rows, dtype=torch.int64).to(device)
     k = len(rows)
-    stats = torch.empty(k * 2, dtype=torch.float32, device=device)
-    if n_computed < k:
-        given = members[n_computed:]
-        stats[n_computed * 2:] = _given_stats(lam, [m[2] for m in given],
-                                              [m[0].numel() for m in given]).to(device)
     # separate allocations start on 16 bytes; views at an odd offset take the scalar path
     aligned = all(row[0] % 16 == 0 for row in rows)
-    if n_computed:
-        partials = torch.empty(stats_chunks * 2, dtype=torch.float64, device=device)
-        arrive = torch.zeros(n_computed, dtype=torch.int32, device=device)
-        _noisytune_stats_kernel[(stats_chunks,)](
-            meta, partials, arrive, stats, n_computed, lam,
+    if members[0][2] is not None:  # stds given (C5): no statistics pass
+        stats = _given_stats(lam, [m[2] for m in members], [m[0].numel() for m in members])
+        stats = stats.to(device)
+    else:
+        stats = torch.empty(k * 2, dtype=torch.float32, device=device)
+        partials = torch.empty(first * 2, dtype=torch.float64, device=device)
+        arrive = torch.zeros(k, dtype=torch.int32, device=device)
+        _noisytune_stats_kernel[(first,)](
+            meta, partials, arrive, stats, k, lam,
             META=_META, BLOCK=BLOCK, ITERS=ITERS, MERGE_BLOCK=MERGE_BLOCK, DTYPE=dtype_code,
             ALIGNED=aligned, num_warps=4, enable_fp_fusion=False,
         )
