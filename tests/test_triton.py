@@ -11,7 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest does this too; must precede triton
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from fastnoise import reference as R  # noqa: E402
 from fastnoise.backends import (BackendUnavailableError, available_backends,  # noqa: E402
@@ -832,3 +833,110 @@ def test_gpu_cuda_graph_replays_draw_new_noise(noise):
         ref = R.noisy_embedding(ids, weight, noise=noise, mag=0.1, seed=s, offset=0,
                                 symmetric=True)
         _check(o, ref, noise, 1.0)
+
+
+@triton.jit
+def _wait_for_flag(flag_ptr, limit):
+    """Polls a pinned host flag until the host sets it (at most ``limit`` polls): holds back
+    everything queued after it on its stream."""
+    i = 0
+    while (tl.load(flag_ptr, volatile=True) == 0) & (i < limit):
+        i += 1
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gpu_launches_go_to_the_current_stream(symmetric):
+    """Forward and backward on a side stream held back by a gate: the default stream (which
+    does not wait for the side one) still sees the poisoned output, so the work is queued on
+    the side stream; once the gate opens, the results are right."""
+    vocab, n, d = 1000, 300, 520
+    weight = torch.randn(vocab, d, device="cuda")
+    ids = torch.randint(0, vocab, (n,), device="cuda")
+    ids[7] = vocab
+    kw = dict(noise="uniform", mag=0.1, tok_mag=None, seed=5, offset=9, symmetric=symmetric)
+    rows = 2 * n if symmetric else n
+    out = torch.empty(rows, d, device="cuda")
+    error = torch.zeros(4, dtype=torch.int64, device="cuda")
+    grad = torch.randn(rows, d, device="cuda")
+    bwd = dict(padding_idx=None, symmetric=symmetric)
+    flag = torch.zeros(1, dtype=torch.int32).pin_memory()
+    # compile everything before the gate closes (a compile inside would only slow the test)
+    _wait_for_flag[(1,)](flag, 1)
+    BACKEND.embedding_forward(ids, weight, out, error=error.clone(), **kw)
+    for det in (False, True):
+        BACKEND.embedding_backward(grad, ids, vocab, deterministic=det, **bwd)
+    out.fill_(float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _wait_for_flag[(1,)](flag, 2**30)
+        BACKEND.embedding_forward(ids, weight, out, error=error, **kw)
+        grads = [BACKEND.embedding_backward(grad, ids, vocab, deterministic=det, **bwd)
+                 for det in (False, True)]
+    peek_out, peek_error = out.clone(), error.clone()  # on the default stream
+    torch.cuda.current_stream().synchronize()
+    flag[0] = 1
+    side.synchronize()
+    assert peek_out.isnan().all() and not peek_error.any()
+    assert error.tolist()[:3] == [1, vocab, vocab]
+    is_bad = ids == vocab
+    row_bad = torch.cat([is_bad, is_bad]) if symmetric else is_bad
+    ref = R.noisy_embedding(torch.where(is_bad, 0, ids), weight, **kw)
+    assert out[row_bad].isnan().all() and torch.equal(out[~row_bad], ref[~row_bad])
+    keep = ~is_bad
+    g = grad.reshape(2, n, d)[:, keep].reshape(-1, d) if symmetric else grad[keep]
+    want = R.embedding_backward(g, ids[keep], vocab, **bwd)
+    for got in grads:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@gpu
+@needs_cuda
+def test_gpu_noisytune_on_a_side_stream():
+    tensors = [torch.randn(70001, device="cuda") * 1e18, torch.randn(77, device="cuda").half()]
+    mine = [t.clone() for t in tensors]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        BACKEND.noisytune_(mine, 0.1, seed=3, starts=[0, 20000])
+    side.synchronize()
+    for a, t, start in zip(mine, tensors, [0, 20000]):
+        assert torch.equal(_bits(a), _bits(_c2_noisytune(t, 0.1, 3, start)))
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    """device_map="auto" puts layers on cuda:1 while cuda:0 is current: an unguarded Triton
+    launch would run on cuda:0 with cuda:1's pointers (an illegal memory access)."""
+    dev = torch.device("cuda", 1)
+    vocab, n, d = 500, 200, 264
+    weight = torch.randn(vocab, d, device=dev)
+    ids = torch.randint(0, vocab, (n,), device=dev)
+    ids[0] = -1
+    grad = torch.randn(2 * n, d, device=dev)
+    tensors = [torch.randn(40000, device=dev), torch.randn(9, 7, device=dev).half()]
+    kw = dict(noise="gaussian", mag=0.1, seed=11, offset=0, symmetric=True)
+    with torch.cuda.device(0):
+        error = torch.zeros(4, dtype=torch.int64, device=dev)
+        out = _forward(ids, weight, error=error, **kw)
+        grads = [BACKEND.embedding_backward(grad, ids, vocab, padding_idx=3, symmetric=True,
+                                            deterministic=det) for det in (False, True)]
+        mine = [t.clone() for t in tensors]
+        BACKEND.noisytune_(mine, 0.2, seed=4, starts=[0, 10000])
+        torch.cuda.synchronize(dev)
+        assert torch.cuda.current_device() == 0
+    assert error.tolist()[:3] == [1, -1, vocab]
+    ref = R.noisy_embedding(torch.where(ids < 0, 0, ids), weight, **kw)
+    assert out[[0, n]].isnan().all()
+    keep = torch.ones(2 * n, dtype=torch.bool, device=dev)
+    keep[[0, n]] = False
+    _check(out[keep], ref[keep], "gaussian", 0.1)
+    want = R.embedding_backward(grad.reshape(2, n, d)[:, 1:].reshape(-1, d), ids[1:], vocab,
+                                padding_idx=3, symmetric=True)
+    for got in grads:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for a, t, start in zip(mine, tensors, [0, 10000]):
+        assert torch.equal(_bits(a), _bits(_c2_noisytune(t, 0.2, 4, start)))
