@@ -348,8 +348,9 @@ def device_guard(device: torch.device):
     """Make ``device`` current around a launch. Triton launches on the current device and on
     its current stream (driver.active.get_current_device / get_current_stream(device)), not on
     the tensors': with them on cuda:1 while cuda:0 is current, an unguarded launch is an
-    illegal memory access. Switching is skipped when the device is already current (torch's
-    exchange is one C call each way). CPU tensors (the interpreter): nothing to guard."""
+    illegal memory access. Cheap when the device is already current: torch's exchange is one
+    C call each way and switches only if the device differs. CPU tensors (the interpreter):
+    nothing to guard."""
     if device.type == "cuda":
         return _CudaGuard(device.index)
     return _NO_GUARD

@@ -183,7 +183,7 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
         var = tl.sum(acc) / tl.maximum(numel_f - 1.0, 1.0)  # numel < 2 is skipped below
         # C2: s = float32(float32(lam) * float32(std64)); lam arrives as float32
         s = lam * tl.sqrt(var).to(tl.float32)
-        # skip numel < 2, s == 0 and non-finite s (NaN fails the second comparison)
+        # skip numel < 2, s == 0 and non-finite s (NaN fails |s| <= FLT_MAX)
         ok = (numel >= 2) & (s != 0.0) & (tl.abs(s) <= 3.4028234663852886e38)
         tl.store(stats_ptr + k * 2, s)
         tl.store(stats_ptr + k * 2 + 1, ok.to(tl.float32))
