@@ -1,6 +1,8 @@
 """Triton backend vs the reference. On a CPU-only machine the kernels run in the Triton
-interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small and dtypes fp32/fp16."""
+interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small and dtypes fp32/fp16
+(the interpreter cannot round to bfloat16: the backend refuses bf16 there)."""
 
+import contextlib
 import os
 
 import pytest
@@ -9,11 +11,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest does this too; must precede triton
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 
 from fastnoise import reference as R  # noqa: E402
-from fastnoise.backends import get_backend  # noqa: E402
+from fastnoise.backends import (BackendUnavailableError, available_backends,  # noqa: E402
+                                get_backend, resolve_backend)
 from fastnoise.triton_ops import BACKEND  # noqa: E402
+from fastnoise.triton_ops import embedding as E  # noqa: E402
+from fastnoise.triton_ops import noisytune as NT  # noqa: E402
 
 import cuda_graphs  # noqa: E402
 
@@ -21,6 +27,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NOISES = ("uniform", "gaussian", "bernoulli")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(),
+                                      reason="the Triton interpreter (CPU-only machines)")
 
 
 def _forward(ids, weight, *, noise, mag=0.0, tok_mag=None, seed=0, offset=0, symmetric=False,
@@ -56,8 +64,30 @@ def _check(out, ref, noise, mag):
 def test_backend_is_registered_and_available():
     assert BACKEND.name == "triton"
     assert get_backend("triton").unavailable_reason(DEVICE, torch.float32) is None
-    for dtype in (torch.float16, torch.bfloat16, None):
+    for dtype in (torch.float16, None):
         assert BACKEND.unavailable_reason(DEVICE, dtype) is None
+    if DEVICE.type == "cuda":
+        assert BACKEND.unavailable_reason(DEVICE, torch.bfloat16) is None
+
+
+@interpreter_only
+def test_interpreter_offers_no_bfloat16():
+    # the interpreter truncates float32 -> bf16: about half the elements 1 ulp off the contract
+    reason = BACKEND.unavailable_reason(torch.device("cpu"), torch.bfloat16)
+    assert "truncation" in reason and "bfloat16" in reason
+    assert "triton" not in available_backends("cpu", torch.bfloat16)
+    assert "triton" in available_backends("cpu", torch.float16)
+    with pytest.raises(BackendUnavailableError, match="truncation"):
+        resolve_backend("triton", "cpu", torch.bfloat16)
+
+
+@interpreter_only
+def test_interpreter_noisytune_refuses_bfloat16_before_touching_anything():
+    fp32, bf16 = torch.randn(100), torch.randn(100).bfloat16()
+    before = fp32.clone()
+    with pytest.raises(BackendUnavailableError, match="truncation"):
+        BACKEND.noisytune_([fp32, bf16], 0.1, seed=1, starts=[0, 25])
+    assert torch.equal(fp32, before)
 
 
 def test_unavailable_reasons(monkeypatch):
@@ -296,6 +326,64 @@ def test_forward_out_of_range_ids_give_nan_rows(noise, dtype, symmetric, scaled)
     _check(good, ref[~row_bad], noise, 1.0)
 
 
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+def test_forward_records_a_bad_id_in_the_error_buffer(noise, dtype, symmetric, id_dtype):
+    """C1: NaN rows for bad ids, and error = [1, one of the bad ids, V, untouched]."""
+    vocab, n, d = 10, 70, 300  # two row tiles, three column blocks
+    weight = torch.randn(vocab, d, device=DEVICE).to(dtype)
+    ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    bad_rows = torch.tensor([2, 40, 69], device=DEVICE)
+    bad_ids = [-3, vocab, 2**31 - 1] if id_dtype == torch.int32 else [-(2**40), vocab, 2**40]
+    ids[bad_rows] = torch.tensor(bad_ids, device=DEVICE)
+    ids = ids.to(id_dtype)
+    error = torch.tensor([0, 0, 0, -77], dtype=torch.int64, device=DEVICE)
+    kw = dict(noise=noise, mag=0.3, seed=2**64 - 9, offset=5, symmetric=symmetric)
+    out = _forward(ids, weight, error=error, **kw)
+    is_bad = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    is_bad[bad_rows] = True
+    row_bad = torch.cat([is_bad, is_bad]) if symmetric else is_bad
+    assert out[row_bad].isnan().all()
+    ref = R.noisy_embedding(torch.where(is_bad, 0, ids.long()), weight, tok_mag=None, **kw)
+    _check(out[~row_bad], ref[~row_bad], noise, 1.0)
+    assert error[0].item() == 1 and error[2].item() == vocab and error[3].item() == -77
+    assert error[1].item() in bad_ids
+
+
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+def test_forward_good_ids_leave_the_error_buffer_untouched(noise, symmetric, id_dtype):
+    vocab, n, d = 37, 70, 300  # ids 0 and V - 1 included; several row tiles and column blocks
+    weight = torch.randn(vocab, d, device=DEVICE)
+    ids = torch.randint(0, vocab, (n,), device=DEVICE, dtype=id_dtype)
+    ids[0], ids[-1] = 0, vocab - 1
+    sentinel = torch.tensor([5, -6, 7, -8], dtype=torch.int64, device=DEVICE)
+    error = sentinel.clone()
+    kw = dict(noise=noise, mag=0.3, seed=123, offset=2**40, symmetric=symmetric,
+              embed_scale=1.5)
+    out = _forward(ids, weight, error=error, **kw)
+    assert torch.equal(error, sentinel)
+    _check(out, R.noisy_embedding(ids, weight, tok_mag=None, **kw), noise, 1.0)
+    # the buffer changes nothing else: bit for bit the launch without it
+    assert torch.equal(out, _forward(ids, weight, **kw))
+
+
+def test_forward_error_buffer_with_tokens_masked_and_seed_tensor():
+    vocab, n, d = 9, 6, 20
+    weight = torch.randn(vocab, d, device=DEVICE)
+    ids = torch.tensor([3, 9, 0, 8, -1, 4], device=DEVICE)
+    tok_mag = torch.rand(n, device=DEVICE)
+    error = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    st = torch.tensor([_as_i64(2**63 + 3)], dtype=torch.int64, device=DEVICE)
+    out = _forward(ids, weight, noise="gaussian", tok_mag=tok_mag, seed_tensor=st, error=error,
+                   symmetric=True)
+    assert out[[1, 4, 7, 10]].isnan().all() and not out[[0, 2, 3, 5, 6, 8, 9, 11]].isnan().any()
+    assert error[0].item() == 1 and error[1].item() in (9, -1) and error[2].item() == vocab
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -467,6 +555,157 @@ def test_noisytune_empty_list_and_only_skipped():
     assert torch.equal(t, torch.zeros(3, device=DEVICE))
 
 
+def _c2_noisytune(t, lam, seed, start, std=None):
+    """Contract C2, spelled out in torch: std64 from the float64 values (two-pass), then
+    s = float32(float32(lam) * float32(std64)); skip n < 2 and s not finite or 0."""
+    n = t.numel()
+    if n < 2:
+        return t.clone()
+    if std is None:
+        x = t.double().reshape(-1)
+        std = ((x - x.mean()) ** 2).sum().div(n - 1).sqrt().item()
+    s = torch.tensor(lam, dtype=torch.float32) * torch.tensor(std, dtype=torch.float64).float()
+    if not torch.isfinite(s) or s == 0:
+        return t.clone()
+    u = R.uniform01(R.noise_words(seed, start, (n + 3) // 4, t.device)).reshape(-1)[:n]
+    return (t.float().reshape(-1) + (u - 0.5) * s.to(t.device)).to(t.dtype).reshape(t.shape)
+
+
+def _bits(t):
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16}[t.dtype])
+
+
+def _assert_c2(tensors, lam, seed, offset, stds=None):
+    mine = [t.clone() for t in tensors]
+    starts = R.noisytune_offsets([t.numel() for t in tensors], offset)
+    BACKEND.noisytune_(mine, lam, seed=seed, starts=starts, stds=stds)
+    for k, (a, t, start) in enumerate(zip(mine, tensors, starts)):
+        want = _c2_noisytune(t, lam, seed, start, None if stds is None else stds[k])
+        assert torch.equal(_bits(a), _bits(want)), f"tensor {k}: {(a - want).abs().max()}"
+    return mine
+
+
+def _huge_and_odd_tensors():
+    big = torch.randn(300).clamp(-3, 3)
+    return [
+        big * 1e18,  # float32 sums of squares overflow from here
+        big * 1e37,  # near the float32 limit: the squares exist only in float64
+        torch.tensor([3.0e38, -3.0e38, 1.0]),  # std64 ~3e38: s = 0.15 * std is finite
+        torch.randn(70001) * 2 + 5,  # three chunks: partials merged by the last to arrive
+        1000.0 + 1e-3 * torch.randn(5000),  # a large mean over a small std
+        torch.full((40,), 2.5), torch.zeros(9),  # std 0: unchanged
+        torch.tensor([1.0, float("inf"), 2.0]), torch.tensor([float("-inf")] * 4),
+        torch.tensor([1.0, float("nan"), 2.0]),
+        torch.randn(1), torch.randn(0), torch.randn(2), torch.randn(3, 33),
+        (torch.randn(3, 33) * 100).half(), torch.full((7,), 3.0).half(), torch.randn(1).half(),
+        torch.randn(1000).half(), torch.tensor([60000.0, -60000.0, 1.0]).half(),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on inf/NaN (interpreter)
+def test_noisytune_statistics_match_c2_bit_for_bit():
+    tensors = [t.to(DEVICE) for t in _huge_and_odd_tensors()]
+    mine = _assert_c2(tensors, 0.15, seed=2024, offset=17)
+    for k in (0, 1, 2, 3, 4, 12, 13, 14, 17, 18):  # perturbed: finite s, nonzero
+        assert not torch.equal(mine[k], tensors[k]), k
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on inf/NaN (interpreter)
+def test_noisytune_s_overflow_leaves_the_tensor_unchanged():
+    t = torch.tensor([3.0e38, -3.0e38, 0.0], device=DEVICE)  # std64 3e38, lam * std = inf
+    mine = _assert_c2([t, torch.randn(50, device=DEVICE)], 10.0, seed=1, offset=0)
+    assert torch.equal(mine[0], t)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on inf/NaN (interpreter)
+def test_noisytune_given_stds():
+    """C5: stds[k] replaces the computed std64 (fp32 and fp16 launches, no stats pass)."""
+    tensors = [t.to(DEVICE) for t in _huge_and_odd_tensors()]
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    stds = [float(torch.rand((), generator=gen, dtype=torch.float64)) * 10 ** k
+            for k in range(len(tensors))]
+    stds[5], stds[6], stds[10] = 0.0, float("inf"), 3.0  # unchanged, unchanged, n = 1
+    _assert_c2(tensors, 0.2, seed=7, offset=2**64 - 30, stds=stds)
+    _assert_c2(tensors[::-1], 0.2, seed=8, offset=3, stds=[1.5] * len(tensors))
+
+
+def test_noisytune_given_std_is_used_as_is():
+    t = torch.randn(5000, device=DEVICE)
+    (a,) = _assert_c2([t], 0.1, seed=3, offset=0, stds=[2.0])
+    u = R.uniform01(R.noise_words(3, 0, 1250, DEVICE)).reshape(-1) - 0.5
+    slope = ((a.double() - t.double()) * u.double()).sum() / (u.double() ** 2).sum()
+    assert abs(slope.item() / 0.2 - 1) < 1e-5  # lam * 2.0, not lam * std(t) ~ 0.1
+
+
+def test_noisytune_argument_lengths():
+    t = torch.randn(10, device=DEVICE)
+    with pytest.raises(ValueError, match="1 tensors, 2 starts"):
+        BACKEND.noisytune_([t], 0.1, seed=0, starts=[0, 3])
+    with pytest.raises(ValueError, match="0 stds"):
+        BACKEND.noisytune_([t], 0.1, seed=0, starts=[0], stds=[])
+
+
+# --------------------------------------------------------------------------------------
+# every launch on the tensors' device (and so on that device's current stream)
+# --------------------------------------------------------------------------------------
+def test_device_guard():
+    assert isinstance(E.device_guard(torch.device("cpu")), type(contextlib.nullcontext()))
+    guard = E.device_guard(torch.device("cuda", 1))  # building it needs no CUDA
+    assert guard.idx == 1 and hasattr(guard, "__enter__")
+
+
+_KERNELS = {E: ("_noisy_embedding_fwd_kernel", "_embedding_bwd_atomic_kernel",
+                "_embedding_bwd_sorted_kernel"),
+            NT: ("_noisytune_stats_kernel", "_noisytune_perturb_kernel")}
+
+
+def test_every_launch_runs_under_the_tensors_device_guard(monkeypatch):
+    """A spy on the guard and the launches: each launch happens inside a guard of the
+    device its tensors are on (the real guard is torch's device guard on CUDA)."""
+    events, held = [], []
+
+    class SpyGuard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            held.append(self.device)
+
+        def __exit__(self, *exc):
+            held.pop()
+
+    class SpyKernel:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                events.append((self.name, list(held), {t.device for t in tensors}))
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    for mod, names in _KERNELS.items():
+        monkeypatch.setattr(mod, "device_guard", SpyGuard)
+        for name in names:
+            monkeypatch.setattr(mod, name, SpyKernel(name, getattr(mod, name)))
+    weight = torch.randn(11, 40, device=DEVICE)
+    ids = torch.randint(0, 11, (7,), device=DEVICE)
+    error = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    out = _forward(ids, weight, noise="uniform", mag=0.1, error=error)
+    for det in (False, True):
+        BACKEND.embedding_backward(out, ids, 11, padding_idx=None, symmetric=False,
+                                   deterministic=det)
+    BACKEND.noisytune_([weight, torch.randn(9, device=DEVICE).half()], 0.1, seed=1,
+                       starts=[0, 200])
+    launched = [e[0] for e in events]
+    assert launched == ["_noisy_embedding_fwd_kernel", "_embedding_bwd_atomic_kernel",
+                        "_embedding_bwd_sorted_kernel"] + ["_noisytune_stats_kernel",
+                                                           "_noisytune_perturb_kernel"] * 2
+    for name, guards, devices in events:
+        assert guards == [DEVICE] and devices == {DEVICE}, (name, guards, devices)
+
+
 # --------------------------------------------------------------------------------------
 # GPU only: bf16 and realistic shapes
 # --------------------------------------------------------------------------------------
@@ -597,3 +836,110 @@ def test_gpu_cuda_graph_replays_draw_new_noise(noise):
         ref = R.noisy_embedding(ids, weight, noise=noise, mag=0.1, seed=s, offset=0,
                                 symmetric=True)
         _check(o, ref, noise, 1.0)
+
+
+@triton.jit
+def _wait_for_flag(flag_ptr, limit):
+    """Polls a pinned host flag until the host sets it (at most ``limit`` polls): holds back
+    everything queued after it on its stream."""
+    i = 0
+    while (tl.load(flag_ptr, volatile=True) == 0) & (i < limit):
+        i += 1
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gpu_launches_go_to_the_current_stream(symmetric):
+    """Forward and backward on a side stream held back by a gate: the default stream (which
+    does not wait for the side one) still sees the poisoned output, so the work is queued on
+    the side stream; once the gate opens, the results are right."""
+    vocab, n, d = 1000, 300, 520
+    weight = torch.randn(vocab, d, device="cuda")
+    ids = torch.randint(0, vocab, (n,), device="cuda")
+    ids[7] = vocab
+    kw = dict(noise="uniform", mag=0.1, tok_mag=None, seed=5, offset=9, symmetric=symmetric)
+    rows = 2 * n if symmetric else n
+    out = torch.empty(rows, d, device="cuda")
+    error = torch.zeros(4, dtype=torch.int64, device="cuda")
+    grad = torch.randn(rows, d, device="cuda")
+    bwd = dict(padding_idx=None, symmetric=symmetric)
+    flag = torch.zeros(1, dtype=torch.int32).pin_memory()
+    # compile everything before the gate closes (a compile inside would only slow the test)
+    _wait_for_flag[(1,)](flag, 16)  # 16 and 2**30 share a specialization (1 would not)
+    BACKEND.embedding_forward(ids, weight, out, error=error.clone(), **kw)
+    for det in (False, True):
+        BACKEND.embedding_backward(grad, ids, vocab, deterministic=det, **bwd)
+    out.fill_(float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _wait_for_flag[(1,)](flag, 2**30)
+        BACKEND.embedding_forward(ids, weight, out, error=error, **kw)
+        grads = [BACKEND.embedding_backward(grad, ids, vocab, deterministic=det, **bwd)
+                 for det in (False, True)]
+    peek_out, peek_error = out.clone(), error.clone()  # on the default stream
+    torch.cuda.current_stream().synchronize()
+    flag[0] = 1
+    side.synchronize()
+    assert peek_out.isnan().all() and not peek_error.any()
+    assert error.tolist()[:3] == [1, vocab, vocab]
+    is_bad = ids == vocab
+    row_bad = torch.cat([is_bad, is_bad]) if symmetric else is_bad
+    ref = R.noisy_embedding(torch.where(is_bad, 0, ids), weight, **kw)
+    assert out[row_bad].isnan().all() and torch.equal(out[~row_bad], ref[~row_bad])
+    keep = ~is_bad
+    g = grad.reshape(2, n, d)[:, keep].reshape(-1, d) if symmetric else grad[keep]
+    want = R.embedding_backward(g, ids[keep], vocab, **bwd)
+    for got in grads:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@gpu
+@needs_cuda
+def test_gpu_noisytune_on_a_side_stream():
+    tensors = [torch.randn(70001, device="cuda") * 1e18, torch.randn(77, device="cuda").half()]
+    mine = [t.clone() for t in tensors]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        BACKEND.noisytune_(mine, 0.1, seed=3, starts=[0, 20000])
+    side.synchronize()
+    for a, t, start in zip(mine, tensors, [0, 20000]):
+        assert torch.equal(_bits(a), _bits(_c2_noisytune(t, 0.1, 3, start)))
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_tensors_on_a_device_that_is_not_current():
+    """device_map="auto" puts layers on cuda:1 while cuda:0 is current: an unguarded Triton
+    launch would run on cuda:0 with cuda:1's pointers (an illegal memory access)."""
+    dev = torch.device("cuda", 1)
+    vocab, n, d = 500, 200, 264
+    weight = torch.randn(vocab, d, device=dev)
+    ids = torch.randint(0, vocab, (n,), device=dev)
+    ids[0] = -1
+    grad = torch.randn(2 * n, d, device=dev)
+    tensors = [torch.randn(40000, device=dev), torch.randn(9, 7, device=dev).half()]
+    kw = dict(noise="gaussian", mag=0.1, seed=11, offset=0, symmetric=True)
+    with torch.cuda.device(0):
+        error = torch.zeros(4, dtype=torch.int64, device=dev)
+        out = _forward(ids, weight, error=error, **kw)
+        grads = [BACKEND.embedding_backward(grad, ids, vocab, padding_idx=3, symmetric=True,
+                                            deterministic=det) for det in (False, True)]
+        mine = [t.clone() for t in tensors]
+        BACKEND.noisytune_(mine, 0.2, seed=4, starts=[0, 10000])
+        torch.cuda.synchronize(dev)
+        assert torch.cuda.current_device() == 0
+    assert error.tolist()[:3] == [1, -1, vocab]
+    ref = R.noisy_embedding(torch.where(ids < 0, 0, ids), weight, **kw)
+    assert out[[0, n]].isnan().all()
+    keep = torch.ones(2 * n, dtype=torch.bool, device=dev)
+    keep[[0, n]] = False
+    _check(out[keep], ref[keep], "gaussian", 0.1)
+    want = R.embedding_backward(grad.reshape(2, n, d)[:, 1:].reshape(-1, d), ids[1:], vocab,
+                                padding_idx=3, symmetric=True)
+    for got in grads:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for a, t, start in zip(mine, tensors, [0, 10000]):
+        assert torch.equal(_bits(a), _bits(_c2_noisytune(t, 0.2, 4, start)))

@@ -43,6 +43,14 @@ def _fwd_variants():
         yield (f"{noise} bf16 mask+pair+scale+seed_ptr", "bf16", E.NOISE_CODES[noise], BIG,
                dict(HAS_TOK_MAG=True, SYMMETRIC=True, HAS_SCALE=True, SEED_FROM_PTR=True))
     yield "uniform bf16 int32 ids", "bf16", 0, BIG, dict(ids="*i32")
+    # the bad-id error buffer (C1), alone and with every other flag
+    for dtype in DTYPES:
+        yield f"uniform {dtype} error", dtype, 0, BIG, dict(HAS_ERROR=True)
+    for noise in ("gaussian", "bernoulli"):
+        yield (f"{noise} bf16 error+mask+pair+scale+seed_ptr", "bf16", E.NOISE_CODES[noise], BIG,
+               dict(HAS_TOK_MAG=True, SYMMETRIC=True, HAS_SCALE=True, SEED_FROM_PTR=True,
+                    HAS_ERROR=True))
+    yield "uniform bf16 int32 ids error", "bf16", 0, BIG, dict(ids="*i32", HAS_ERROR=True)
     yield "uniform bf16 tiny", "bf16", 0, TINY, {}
 
 
@@ -52,11 +60,12 @@ def variants():
     for name, dtype, code, (n, d), extra in _fwd_variants():
         block_t, block_d, num_warps, _ = E._fwd_config(n, d, code)
         sig = {"ids_ptr": extra.pop("ids", "*i64"), "w_ptr": "*" + dtype, "out_ptr": "*" + dtype,
-               "tok_mag_ptr": "*fp32", "seed_ptr": "*i64", "N": "i32", "V": "i32", "d": "i32",
-               "w_row_stride": "i32", "mag": "fp32", "embed_scale": "fp32", "seed_lo": "i32",
-               "seed_hi": "i32", "off_lo": "i32", "off_hi": "i32"}
+               "tok_mag_ptr": "*fp32", "seed_ptr": "*i64", "error_ptr": "*i64", "N": "i32",
+               "V": "i32", "d": "i32", "w_row_stride": "i32", "mag": "fp32",
+               "embed_scale": "fp32", "seed_lo": "i32", "seed_hi": "i32", "off_lo": "i32",
+               "off_hi": "i32"}
         const = dict(NOISE=code, HAS_TOK_MAG=False, SYMMETRIC=False, HAS_SCALE=False,
-                     SEED_FROM_PTR=False, BLOCK_T=block_t, BLOCK_D=block_d,
+                     SEED_FROM_PTR=False, HAS_ERROR=False, BLOCK_T=block_t, BLOCK_D=block_d,
                      VEC=4 if dtype == "fp32" else 8)
         const.update(extra)
         ints = dict(N=n, V=V, d=d, w_row_stride=d)
@@ -83,7 +92,7 @@ def variants():
 def _noisytune_variants(dtype, code, aligned):
     name = f" {dtype}" + ("" if aligned else " unaligned")
     yield (NT._noisytune_stats_kernel, "noisytune stats" + name,
-           {"meta_ptr": "*i64", "partial_ptr": "*fp32", "arrive_ptr": "*i32",
+           {"meta_ptr": "*i64", "partial_ptr": "*fp64", "arrive_ptr": "*i32",
             "stats_ptr": "*fp32", "n_tensors": "i32", "lam": "fp32"},
            dict(META=NT._META, BLOCK=NT.BLOCK, ITERS=NT.ITERS, MERGE_BLOCK=NT.MERGE_BLOCK,
                 DTYPE=code, ALIGNED=aligned), dict(n_tensors=147), 4)
@@ -146,7 +155,8 @@ def main(arch: int) -> None:
             ptx = compiled.asm["ptx"]
             row = {"arch": arch, "kernel": kernel.__name__, "variant": name,
                    "num_warps": num_warps, "dynamic_shared": compiled.metadata.shared,
-                   "v4_loads": ptx.count("ld.global.v4"), "v4_stores": ptx.count("st.global.v4")}
+                   "v4_loads": ptx.count("ld.global.v4"), "v4_stores": ptx.count("st.global.v4"),
+                   "atomics": ptx.count("atom.")}
             if ptxas:
                 row.update(_resources(ptxas, ptx, tmp))
             print(json.dumps(row), flush=True)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..backends import triton_interpreter_enabled
+from ..backends import BackendUnavailableError, triton_interpreter_enabled
 
 try:
     import triton  # noqa: F401
@@ -48,13 +48,19 @@ class TritonBackend:
         if dtype is not None and dtype not in _DTYPES:
             name = str(dtype).replace("torch.", "")
             return f"dtype {name} not supported (float32, float16, bfloat16)"
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            # numpy has no bfloat16: the interpreter truncates float32 -> bfloat16 instead of
+            # rounding to nearest, so about half the elements would be 1 ulp off the contract
+            return ("bfloat16 needs a CUDA device: the Triton interpreter (TRITON_INTERPRET=1) "
+                    "rounds float32 to bfloat16 by truncation, not to nearest")
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
-                          symmetric, embed_scale=1.0, seed_tensor=None):
+                          symmetric, embed_scale=1.0, seed_tensor=None, error=None):
         _emb.noisy_embedding_forward(ids, weight, out, noise=noise, mag=mag, tok_mag=tok_mag,
                                      seed=seed, offset=offset, symmetric=symmetric,
-                                     embed_scale=embed_scale, seed_tensor=seed_tensor)
+                                     embed_scale=embed_scale, seed_tensor=seed_tensor,
+                                     error=error)
 
     def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
                            deterministic, embed_scale=1.0):
@@ -62,8 +68,14 @@ class TritonBackend:
                                        symmetric=symmetric, deterministic=deterministic,
                                        embed_scale=embed_scale)
 
-    def noisytune_(self, tensors, lam, *, seed, starts):
-        _nt.noisytune_(tensors, lam, seed=seed, starts=starts)
+    def noisytune_(self, tensors, lam, *, seed, starts, stds=None):
+        # every tensor is checked before any is touched (a retry must not perturb twice)
+        for key in {(t.device, t.dtype) for t in tensors if t.numel()}:
+            reason = self.unavailable_reason(*key)
+            if reason is not None:
+                raise BackendUnavailableError(f"backend 'triton' cannot run on {key[0]} with "
+                                              f"{key[1]}: {reason}")
+        _nt.noisytune_(tensors, lam, seed=seed, starts=starts, stds=stds)
 
 
 BACKEND = TritonBackend()

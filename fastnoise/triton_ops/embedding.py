@@ -24,11 +24,17 @@ SEED_FROM_PTR (a ``seed_tensor`` was given): the forward loads its 64-bit seed f
 device tensor instead of the seed_lo/seed_hi scalars, with counter offset 0, so a CUDA graph
 captured around ``torch.randint`` + the forward draws fresh noise on every replay.
 
-Out-of-range ids (< 0 or >= V; possible only where the frontend cannot check, e.g. inside a
-captured graph) are never read: the forward writes NaN over the whole row of such a token,
-the backward kernels skip them.
+Out-of-range ids (< 0 or >= V: the frontend does not read ids back to check them) are never
+read: the forward writes NaN over the whole row of such a token (both rows of a symmetric
+pair), the backward kernels skip them. HAS_ERROR (an ``error`` buffer was given: the op
+layer's device-side bad-id flag): the forward also records one bad id in it, with atomics
+predicated on the bad rows, so good ids never touch the buffer.
+
+Every launch runs under device_guard(the tensors' device): Triton launches on the current
+device and that device's current stream, not the tensors'.
 """
 
+import contextlib
 import functools
 
 import torch
@@ -206,12 +212,12 @@ def _noise_tile(rows, pid_d, d, seed_lo, seed_hi, off_lo, off_hi,
 # --------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi"])
 def _noisy_embedding_fwd_kernel(
-    ids_ptr, w_ptr, out_ptr, tok_mag_ptr, seed_ptr,
+    ids_ptr, w_ptr, out_ptr, tok_mag_ptr, seed_ptr, error_ptr,
     N, V, d, w_row_stride, mag, embed_scale,
     seed_lo, seed_hi, off_lo, off_hi,
     NOISE: tl.constexpr, HAS_TOK_MAG: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_SCALE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr, VEC: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SEED_FROM_PTR: tl.constexpr, HAS_ERROR: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -220,10 +226,19 @@ def _noisy_embedding_fwd_kernel(
     row_mask = rows < N
     mask = row_mask[:, None] & (cols < d)[None, :]
 
-    # ids are validated by the frontend, except inside a captured CUDA graph (no sync): an
-    # out-of-range id is never read, and its whole output row is NaN (never a silent clamp)
+    # the frontend cannot check ids without a host sync: an out-of-range id is never read, and
+    # its whole output row is NaN (never a silent clamp)
     ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     valid = (ids >= 0) & (ids < V)
+    if HAS_ERROR:
+        # C1: error[1] = a bad id, error[2] = V, then error[0] = 1, predicated per row on the
+        # row being bad: good rows issue no memory traffic, and there is no reduction over
+        # the tile (across warps it would need shared memory and a barrier)
+        bad = row_mask & ~valid
+        at = error_ptr + rows * 0
+        tl.atomic_xchg(at + 1, ids, mask=bad, sem="relaxed")
+        tl.atomic_xchg(at + 2, ids * 0 + V, mask=bad, sem="relaxed")
+        tl.atomic_xchg(at, ids * 0 + 1, mask=bad, sem="release")
     ids = tl.where(valid, ids, 0)
     e = tl.load(w_ptr + ids[:, None] * w_row_stride + cols[None, :],
                 mask=mask & valid[:, None], other=0.0)
@@ -324,6 +339,27 @@ def _embedding_bwd_sorted_kernel(
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
+_NO_GUARD = contextlib.nullcontext()
+# torch's int-index guard (what torch.cuda.device wraps, without its argument parsing)
+_CudaGuard = getattr(torch.cuda, "_DeviceGuard", torch.cuda.device)
+# torch.cuda.current_device without its lazy-init check (a CUDA tensor exists: CUDA is up);
+# absent from CPU-only builds, where no tensor is on CUDA
+_cuda_current_device = getattr(torch._C, "_cuda_getDevice", lambda: -1)
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current around a launch. Triton launches on the current device and on
+    its current stream (driver.active.get_current_device / get_current_stream(device)), not on
+    the tensors': with them on cuda:1 while cuda:0 is current, an unguarded launch is an
+    illegal memory access. The common case, the device already current, costs one C call and
+    no guard object; CPU tensors (the interpreter) carry no device index: nothing to guard.
+    (``device.index`` first: ``device.type`` builds a new string, ~10x slower.)"""
+    index = device.index
+    if index is None or index == _cuda_current_device() or device.type != "cuda":
+        return _NO_GUARD
+    return _CudaGuard(index)
+
+
 def _i32(x: int) -> int:
     """A 32-bit word as a signed int, so Triton always types the scalar i32."""
     x &= _M32
@@ -364,12 +400,14 @@ def _bwd_config(n: int, d: int, atomic: bool):
 
 
 def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric,
-                            embed_scale=1.0, seed_tensor=None):
+                            embed_scale=1.0, seed_tensor=None, error=None):
     """Write the noisy embedding of flat ids (N,) into out (N, d) or (2N, d) when symmetric.
 
     ``seed_tensor`` (int64, shape (1,), on the weight's device) overrides ``seed`` and makes
     the offset 0; the kernel loads it (no host sync), so it is safe under CUDA graph capture.
-    Ids out of range give NaN rows (never read out of bounds).
+    Ids out of range give NaN rows (never read out of bounds); with ``error`` (int64, shape
+    (4,), on the weight's device; contract C1) the kernel also records error[1] = one bad id,
+    error[2] = V, then error[0] = 1, and leaves it untouched when every id is in range.
     """
     n = ids.shape[0]
     v, d = weight.shape
@@ -388,21 +426,31 @@ def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offs
         seed_lo, seed_hi = _split64(seed)
         off_lo, off_hi = _split64(offset)
     has_tok = tok_mag is not None
-    _noisy_embedding_fwd_kernel[grid](
-        ids, weight, out, tok_mag if has_tok else ids, seed_tensor if from_ptr else ids,
-        n, v, d, weight.stride(0), float(mag), float(embed_scale),
-        seed_lo, seed_hi, off_lo, off_hi,
-        NOISE=code, HAS_TOK_MAG=has_tok, SYMMETRIC=bool(symmetric),
-        HAS_SCALE=float(embed_scale) != 1.0, SEED_FROM_PTR=from_ptr, BLOCK_T=block_t,
-        BLOCK_D=block_d, VEC=16 // weight.element_size(), num_warps=num_warps,
-        enable_fp_fusion=False,
-    )
+    has_error = error is not None
+    with device_guard(weight.device):
+        _noisy_embedding_fwd_kernel[grid](
+            ids, weight, out, tok_mag if has_tok else ids, seed_tensor if from_ptr else ids,
+            error if has_error else ids,
+            n, v, d, weight.stride(0), float(mag), float(embed_scale),
+            seed_lo, seed_hi, off_lo, off_hi,
+            NOISE=code, HAS_TOK_MAG=has_tok, SYMMETRIC=bool(symmetric),
+            HAS_SCALE=float(embed_scale) != 1.0, SEED_FROM_PTR=from_ptr, HAS_ERROR=has_error,
+            BLOCK_T=block_t, BLOCK_D=block_d, VEC=16 // weight.element_size(),
+            num_warps=num_warps, enable_fp_fusion=False,
+        )
     return out
 
 
 def embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, deterministic,
                        embed_scale=1.0):
     """Dense (num_weights, d) weight gradient, grad_out's dtype, accumulated in float32."""
+    with device_guard(grad_out.device):
+        return _embedding_backward(grad_out, ids, num_weights, padding_idx, symmetric,
+                                   deterministic, embed_scale)
+
+
+def _embedding_backward(grad_out, ids, num_weights, padding_idx, symmetric, deterministic,
+                        embed_scale):
     n = ids.shape[0]
     d = grad_out.shape[-1]
     grad_out = grad_out.contiguous()

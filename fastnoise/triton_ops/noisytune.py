@@ -7,24 +7,29 @@ launch's dtype in-kernel. Mixed sizes share each launch; mixed dtypes (fp32/fp16
 one pair of launches per dtype, so the dtype is a compile-time constant and each thread's
 random words can be laid out like its 16-byte vectors of data (no shared-memory shuffle).
 
-1. stats: each chunk computes (mean, M2) of its elements shifted by the tensor's first
-   element (the shift keeps sums small for tensors with a large mean), block by block with a
-   two-pass block M2 and Chan's merge. It stores them in a partials buffer (2 floats a chunk:
-   the only extra memory besides O(#tensors) tables; a single-writer merge needs them) and
-   bumps the tensor's arrival counter; the last chunk to arrive merges the tensor's partials
-   in chunk order (float64, deterministic) and writes s = float32(lam) * std, or a skip flag.
+1. stats (contract C2): each chunk computes the float64 (mean, M2) of its elements shifted
+   by the tensor's first element (the shift keeps sums small for tensors with a large mean),
+   block by block with a two-pass block M2 and Chan's merge, from the exact element values.
+   It stores them in a float64 partials buffer (2 a chunk: the only extra memory besides
+   O(#tensors) tables; a single-writer merge needs them) and bumps the tensor's arrival
+   counter; the last chunk to arrive merges the tensor's partials in chunk order (float64,
+   deterministic) into std64 and writes s = float32(float32(lam) * float32(std64)), or a skip
+   flag (n < 2, s not finite or 0). float32 statistics would overflow from a std of ~1e18
+   and miss the reference's std by float32 rounding.
+   Given ``stds`` (C5, e.g. a sharded tensor's global std), s is computed on the host by the
+   same rule and this pass is skipped.
 2. perturb: each chunk draws its Philox words (counter start + i // 4, word i % 4) and adds
    (u - 0.5) * s in place.
-"""
 
-import functools
+Both launches run under the tensors' device guard (see embedding.device_guard).
+"""
 
 import torch
 import triton
 import triton.language as tl
 
 from ..ops import as_int64
-from .embedding import _group_values, _split64
+from .embedding import _group_values, _split64, device_guard
 
 BLOCK = 1024  # elements a step (256 Philox counters)
 ITERS = 32  # steps a chunk
@@ -108,12 +113,11 @@ def _chunk_partials(partial_ptr, first, c0, n_chunks, numel, WITH_M2: tl.constex
     cc = c0 + tl.arange(0, MERGE_BLOCK)
     cm = cc < n_chunks
     cnt = tl.minimum(numel - cc * CHUNK, CHUNK).to(tl.float64)
-    pm = tl.load(partial_ptr + (first + cc) * 2, mask=cm, other=0.0,
-                 cache_modifier=".cg").to(tl.float64)
+    pm = tl.load(partial_ptr + (first + cc) * 2, mask=cm, other=0.0, cache_modifier=".cg")
     pm2 = pm * 0.0
     if WITH_M2:
         pm2 = tl.load(partial_ptr + (first + cc) * 2 + 1, mask=cm, other=0.0,
-                      cache_modifier=".cg").to(tl.float64)
+                      cache_modifier=".cg")
     return cm, cnt, pm, pm2
 
 
@@ -131,18 +135,21 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
     base = c * (BLOCK * ITERS)
     # shift by the tensor's first element: sums of x - shift stay small (no cancellation)
     two = tl.arange(0, 2)
-    shift = tl.sum(_load_f32(ptr, two, False, 1, DTYPE, False))
+    shift = tl.sum(_load_f32(ptr, two, False, 1, DTYPE, False).to(tl.float64))
 
-    n = 0.0
-    mean = 0.0
-    m2 = 0.0
+    # float64 from the exact element values (C2): every fp32/fp16/bf16 value is exact in it
+    n = tl.full([], 0.0, tl.float64)
+    mean = n
+    m2 = n
     steps = tl.cdiv(tl.minimum(numel - base, BLOCK * ITERS), BLOCK)
     for it in range(steps):
-        offs = base + it * BLOCK + tl.arange(0, BLOCK)
+        at = base + it * BLOCK
+        offs = at + tl.arange(0, BLOCK)
         mask = offs < numel
-        full = base + (it + 1) * BLOCK <= numel
-        y = tl.where(mask, _load_f32(ptr, offs, full, numel, DTYPE, ALIGNED) - shift, 0.0)
-        cnt = tl.sum(mask.to(tl.float32))
+        full = at + BLOCK <= numel
+        x = _load_f32(ptr, offs, full, numel, DTYPE, ALIGNED).to(tl.float64)
+        y = tl.where(mask, x - shift, 0.0)
+        cnt = tl.minimum(numel - at, BLOCK).to(tl.float64)
         bmean = tl.sum(y) / cnt
         dev = tl.where(mask, y - bmean, 0.0)
         bm2 = tl.sum(dev * dev)
@@ -174,10 +181,10 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
             dm = pm - gmean
             acc += tl.where(cm, pm2 + cnt * dm * dm, 0.0)
         var = tl.sum(acc) / tl.maximum(numel_f - 1.0, 1.0)  # numel < 2 is skipped below
-        std = tl.sqrt(var).to(tl.float32)
-        s = lam * std
-        # skip numel < 2, std == 0 and non-finite std (NaN fails both comparisons)
-        ok = (numel >= 2) & (std > 0.0) & (std <= 3.4028234663852886e38)
+        # C2: s = float32(float32(lam) * float32(std64)); lam arrives as float32
+        s = lam * tl.sqrt(var).to(tl.float32)
+        # skip numel < 2, s == 0 and non-finite s (NaN fails |s| <= FLT_MAX)
+        ok = (numel >= 2) & (s != 0.0) & (tl.abs(s) <= 3.4028234663852886e38)
         tl.store(stats_ptr + k * 2, s)
         tl.store(stats_ptr + k * 2 + 1, ok.to(tl.float32))
 
@@ -212,11 +219,16 @@ def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
             _store_f32(ptr, offs, y, full, numel, DTYPE, ALIGNED)
 
 
-def noisytune_(tensors, lam, *, seed, starts):
-    """Perturb every tensor in place; tensor k draws from counter starts[k] on. Two launches
-    per dtype present."""
-    by_dtype = {}
-    for t, start in zip(tensors, starts):
+def noisytune_(tensors, lam, *, seed, starts, stds=None):
+    """Perturb every tensor in place; tensor k draws from counter starts[k] on and, with
+    ``stds`` (a float per tensor, C5), uses stds[k] as its std64. Two launches per (device,
+    dtype) present (one with stds). Every tensor is checked before any is touched."""
+    tensors = list(tensors)
+    if len(starts) != len(tensors) or stds is not None and len(stds) != len(tensors):
+        raise ValueError(f"noisytune_: {len(tensors)} tensors, {len(starts)} starts"
+                         + ("" if stds is None else f", {len(stds)} stds"))
+    groups = {}
+    for k, (t, start) in enumerate(zip(tensors, starts)):
         if t.numel() == 0:
             continue
         if t.dtype not in _DTYPE_CODES:
@@ -224,30 +236,43 @@ def noisytune_(tensors, lam, *, seed, starts):
                             "(float32, float16, bfloat16)")
         if not t.is_contiguous():
             raise ValueError("noisytune_: the triton backend needs contiguous tensors")
-        by_dtype.setdefault(t.dtype, []).append((t, start))
+        std = None if stds is None else float(stds[k])
+        groups.setdefault((t.device, t.dtype), []).append((t, start, std))
     seed_lo, seed_hi = _split64(seed)
-    for dtype, members in by_dtype.items():
-        _launch(members, float(lam), seed_lo, seed_hi, _DTYPE_CODES[dtype])
+    for (device, dtype), members in groups.items():
+        with device_guard(device):
+            _launch(device, members, float(lam), seed_lo, seed_hi, _DTYPE_CODES[dtype])
 
 
-def _launch(members, lam, seed_lo, seed_hi, dtype_code):
+def _given_stats(lam, stds, numels):
+    """(s, ok) float32 pairs for given std64s, by the kernel's rule (C2): s = float32(
+    float32(lam) * float32(std)), ok = n >= 2 and s finite and nonzero."""
+    s = torch.tensor(lam, dtype=torch.float32) * torch.tensor(stds, dtype=torch.float64).float()
+    ok = torch.isfinite(s) & (s != 0) & (torch.tensor(numels) >= 2)
+    return torch.stack([s, ok.float()], dim=1).reshape(-1)
+
+
+def _launch(device, members, lam, seed_lo, seed_hi, dtype_code):
     rows, first = [], 0
-    for t, start in members:
+    for t, start, _ in members:
         rows.append((t.data_ptr(), t.numel(), as_int64(start), first))
         first += triton.cdiv(t.numel(), CHUNK)
-    device = members[0][0].device
     meta = torch.tensor(rows, dtype=torch.int64).to(device)
     k = len(rows)
-    partials = torch.empty(first * 2, dtype=torch.float32, device=device)
-    arrive = torch.zeros(k, dtype=torch.int32, device=device)
-    stats = torch.empty(k * 2, dtype=torch.float32, device=device)
     # separate allocations start on 16 bytes; views at an odd offset take the scalar path
     aligned = all(row[0] % 16 == 0 for row in rows)
-    _noisytune_stats_kernel[(first,)](
-        meta, partials, arrive, stats, k, lam,
-        META=_META, BLOCK=BLOCK, ITERS=ITERS, MERGE_BLOCK=MERGE_BLOCK, DTYPE=dtype_code,
-        ALIGNED=aligned, num_warps=4, enable_fp_fusion=False,
-    )
+    if members[0][2] is not None:  # stds given (C5): no statistics pass
+        stats = _given_stats(lam, [m[2] for m in members], [m[0].numel() for m in members])
+        stats = stats.to(device)
+    else:
+        stats = torch.empty(k * 2, dtype=torch.float32, device=device)
+        partials = torch.empty(first * 2, dtype=torch.float64, device=device)
+        arrive = torch.zeros(k, dtype=torch.int32, device=device)
+        _noisytune_stats_kernel[(first,)](
+            meta, partials, arrive, stats, k, lam,
+            META=_META, BLOCK=BLOCK, ITERS=ITERS, MERGE_BLOCK=MERGE_BLOCK, DTYPE=dtype_code,
+            ALIGNED=aligned, num_warps=4, enable_fp_fusion=False,
+        )
     _noisytune_perturb_kernel[(first,)](
         meta, stats, k, seed_lo, seed_hi,
         META=_META, BLOCK=BLOCK, ITERS=ITERS, DTYPE=dtype_code, ALIGNED=aligned, num_warps=4,
