@@ -493,10 +493,8 @@ def _assert_noisytune_close(mine, ref, orig):
         if not torch.isfinite(t).all():
             assert torch.equal(a.isnan(), t.isnan()) and torch.equal(a.nan_to_num(), t.nan_to_num())
             continue
-        # std agrees to float32 rounding; the final add may then round one ulp the other way
-        big = t.float().abs().max().item() if t.numel() else 0.0
-        atol = 2 * torch.finfo(t.dtype).eps * max(big, 1e-30) + 1e-6
-        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=atol)
+        # every backend takes the float64 std, rounded once to float32 (contract C2): exact
+        assert torch.equal(a, b)
 
 
 def test_noisytune_matches_reference():
