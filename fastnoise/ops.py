@@ -186,16 +186,21 @@ def call_noisy_embedding(weight, ids, tok_mag, noise, mag, seed, offset, draw_se
 
 @torch.library.custom_op("fastnoise::apply_noisytune_", mutates_args=("tensors",))
 def apply_noisytune_(tensors: List[torch.Tensor], lam: float, seed: int, starts: List[int],
-                     backend: str) -> None:
+                     backend: str, stds: Optional[List[float]] = None) -> None:
     """NoisyTune in place over contiguous tensors of one device and dtype; tensor k from
-    counter ``starts[k]``."""
+    counter ``starts[k]``. ``stds`` (C5, one float per tensor) replaces each tensor's own std:
+    a shard perturbed with the std of the whole parameter."""
+    if len(starts) != len(tensors) or (stds is not None and len(stds) != len(tensors)):
+        raise ValueError(f"apply_noisytune_: {len(tensors)} tensors, {len(starts)} starts"
+                         + ("" if stds is None else f", {len(stds)} stds"))
     if not tensors:
         return
     chosen = resolve_backend(backend, tensors[0].device, tensors[0].dtype, op="noisytune")
+    extra = {} if stds is None else {"stds": [float(s) for s in stds]}
     chosen.noisytune_(list(tensors), lam, seed=as_uint64(seed),
-                      starts=[as_uint64(s) for s in starts])
+                      starts=[as_uint64(s) for s in starts], **extra)
 
 
 @apply_noisytune_.register_fake
-def _(tensors, lam, seed, starts, backend):
+def _(tensors, lam, seed, starts, backend, stds=None):
     return None

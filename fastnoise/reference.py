@@ -368,16 +368,22 @@ def noisytune_shard_(local: torch.Tensor, global_shape: Sequence[int],
 
 @torch.no_grad()
 def noisytune_(tensors: Iterable[torch.Tensor], lam: float, *, seed: int,
-               offset: int = 0) -> None:
-    """W += (u - 0.5) * lam * std(W) for each tensor, in place (the contract above)."""
+               offset: int = 0, stds: Optional[Sequence[float]] = None) -> None:
+    """W += (u - 0.5) * lam * std(W) for each tensor, in place (the contract above).
+    ``stds`` (one float per tensor) replaces each tensor's own std (C5)."""
     tensors = list(tensors)
+    if stds is not None and len(stds) != len(tensors):
+        raise ValueError(f"noisytune_: {len(tensors)} tensors but {len(stds)} stds")
     starts = noisytune_offsets([t.numel() for t in tensors], offset)
-    for t, start in zip(tensors, starts):
+    for k, (t, start) in enumerate(zip(tensors, starts)):
         numel = t.numel()
         if numel < 2:
             continue
         x = t.detach().to(torch.float32).reshape(-1)
-        std = x.std()
+        if stds is None:
+            std = x.std()
+        else:
+            std = torch.tensor(float(stds[k]), dtype=torch.float64, device=x.device).to(torch.float32)
         if not bool(torch.isfinite(std)) or float(std) == 0.0:
             continue
         s = torch.tensor(lam, dtype=torch.float32, device=x.device) * std

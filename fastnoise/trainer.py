@@ -22,24 +22,30 @@ __all__ = ["FastNoiseCallback"]
 
 class FastNoiseCallback(TrainerCallback):
     """Patches the model's input embedding at train begin and restores it at train end;
-    with ``noisytune_lam`` set, applies NoisyTune once, before the first step."""
+    with ``noisytune_lam`` set, applies NoisyTune once, before the first step, to the
+    parameters ``noisytune_include`` / ``noisytune_exclude`` / ``noisytune_trainable_only``
+    select (``fastnoise.noisytune_``'s ``include`` / ``exclude`` / ``trainable_only``)."""
 
     def __init__(self, method: Optional[str] = "neftune", alpha: float = 5.0, *,
                  noisytune_lam: Optional[float] = None, seed: Optional[int] = None,
-                 **patch_kwargs):
+                 noisytune_include=None, noisytune_exclude=None,
+                 noisytune_trainable_only: bool = False, **patch_kwargs):
         if method is not None:
             check_method(method)
         self.method, self.alpha = method, check_nonnegative("alpha", alpha)
         self.noisytune_lam = (None if noisytune_lam is None
                               else check_nonnegative("noisytune_lam", noisytune_lam))
         self.seed, self.patch_kwargs = seed, patch_kwargs
+        # NoisyTune's parameter selection, passed through (see fastnoise.noisytune_)
+        self.noisytune_selection = {"include": noisytune_include, "exclude": noisytune_exclude,
+                                    "trainable_only": bool(noisytune_trainable_only)}
         self._tuned = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("FastNoiseCallback needs the Trainer to pass the model")
         if self.noisytune_lam and not self._tuned and state.global_step == 0:
-            noisytune_(model, self.noisytune_lam, seed=self.seed)
+            noisytune_(model, self.noisytune_lam, seed=self.seed, **self.noisytune_selection)
         self._tuned = True  # never again, also not when training resumes
         if getattr(args, "neftune_noise_alpha", None):
             raise ValueError("TrainingArguments.neftune_noise_alpha is set: the Hugging Face "
