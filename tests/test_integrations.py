@@ -32,7 +32,8 @@ def _bert():
 
 def _t5():
     cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=1,
-                                num_heads=2, decoder_start_token_id=0)
+                                num_heads=2, decoder_start_token_id=0,
+                                dropout_rate=0.0)  # T5 also drops out functionally
     return transformers.T5ForConditionalGeneration(cfg)
 
 
@@ -81,19 +82,26 @@ def _logits(model, batch):
         return model(**batch).logits
 
 
+def _train_logits(model, batch):
+    """A training-mode forward with autograd on (noise needs both)."""
+    return model(**batch).logits.detach()
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_patch_eval_exact_train_noisy_unpatch_restores(name):
     torch.manual_seed(0)
     model = MODELS[name]()
     batch = _batch(name)
     original = model.get_input_embeddings()
+    cls = type(original)
     model.eval()
     clean = _logits(model, batch)
 
     assert fastnoise.patch(model, "neftune", alpha=5.0) is model
     noisy_emb = model.get_input_embeddings()
     assert isinstance(noisy_emb, fastnoise.NoisyEmbedding) and fastnoise.is_patched(model)
-    assert noisy_emb.weight is original.weight
+    assert noisy_emb is original and noisy_emb.weight is original.weight  # the same object
+    assert isinstance(noisy_emb, cls) and type(noisy_emb) is not cls
     assert torch.equal(_logits(model, batch), clean)  # eval: exactly the unpatched model
 
     # training-mode outputs differ from clean ones (dropout off so only the noise acts)
@@ -101,13 +109,16 @@ def test_patch_eval_exact_train_noisy_unpatch_restores(name):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    noisy = _logits(model, batch)
+    noisy = _train_logits(model, batch)
     assert noisy.shape == clean.shape
+    no_grad_train = _logits(model, batch)  # training mode under no_grad: no noise
     fastnoise.unpatch(model)
     assert model.get_input_embeddings() is original and not fastnoise.is_patched(model)
+    assert type(original) is cls and not isinstance(original, fastnoise.NoisyEmbedding)
     model.train()
-    clean_train = _logits(model, batch)
+    clean_train = _train_logits(model, batch)
     assert not torch.allclose(noisy, clean_train)
+    assert torch.equal(no_grad_train, _logits(model, batch))
     model.eval()
     assert torch.equal(_logits(model, batch), clean)
 
