@@ -13,6 +13,7 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 WORKER = pathlib.Path(__file__).with_name("dist_worker.py")
+ROOT = WORKER.parents[1]  # the workers import this checkout's fastnoise, not an installed one
 
 
 def _free_port():
@@ -23,7 +24,8 @@ def _free_port():
 
 def test_two_ranks_noise_noisytune_and_ddp():
     env = dict(os.environ, PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               TORCH_CPP_LOG_LEVEL="ERROR")
+               TORCH_CPP_LOG_LEVEL="ERROR",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]
