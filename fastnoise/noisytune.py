@@ -87,8 +87,11 @@ def _fsdp1_sharded_units(model: torch.nn.Module) -> List[str]:
         if handle is None or not handle.uses_sharded_strategy:
             continue
         flat = handle.flat_param
-        local = getattr(flat, "_local_shard", None)
-        if local is not None and flat.data_ptr() == local.data_ptr():  # not summoned
+        sharded_size = getattr(flat, "_sharded_size", None)
+        full_size = getattr(flat, "_unpadded_unsharded_size", None)
+        if sharded_size is None or full_size is None:
+            units.append(name or type(model).__name__)  # an FSDP1 we do not know: refuse
+        elif flat.numel() == sharded_size.numel() != full_size.numel():  # not summoned
             units.append(name or type(model).__name__)
     return units
 

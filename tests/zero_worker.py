@@ -203,11 +203,10 @@ def check_zero3_after_initialize_and_training(rank):
         # noise in training mode only: the patched embedding's output differs from eval's
         emb = engine.module.get_input_embeddings()
         ids = _batch(rank, 9)["input_ids"]
-        with torch.no_grad():
-            with deepspeed.zero.GatheredParameters([emb.weight], modifier_rank=None):
-                plain = torch.nn.functional.embedding(ids, emb.weight)
-                emb.train()
-                noisy_out = emb(ids)
+        with deepspeed.zero.GatheredParameters([emb.weight], modifier_rank=None):
+            plain = torch.nn.functional.embedding(ids, emb.weight).detach()
+            emb.train()
+            noisy_out = emb(ids).detach()  # noise: training mode with autograd on
         assert not torch.equal(noisy_out, plain) and torch.allclose(noisy_out, plain, atol=1.0)
         fastnoise.unpatch(engine.module)
 
