@@ -37,7 +37,7 @@ def _run(phase, timeout=300):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR",
-                   TOKENIZERS_PARALLELISM="false", ACCELERATE_USE_CPU="true",
+                   TOKENIZERS_PARALLELISM="false",
                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen([sys.executable, str(WORKER), phase], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
