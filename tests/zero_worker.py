@@ -38,12 +38,13 @@ def _config(stage, **extra):
 
 
 def _llama_config():
-    # odd sizes: partitions of 61 * 20 = 1220 and 20 elements (norms) whose
-    # global starts are not multiples of 4 on rank 1
-    return transformers.LlamaConfig(vocab_size=61, hidden_size=20, intermediate_size=22,
+    # odd sizes: on rank 1 the partitions of 61 * 20 = 1220 (embeddings), 20 (norms) and 21
+    # (gate/up biases: 11 per rank, rank 1's last element is padding) elements start at
+    # global indices that are not multiples of 4
+    return transformers.LlamaConfig(vocab_size=61, hidden_size=20, intermediate_size=21,
                                     num_hidden_layers=1, num_attention_heads=2,
                                     num_key_value_heads=1, max_position_embeddings=32,
-                                    tie_word_embeddings=False)
+                                    tie_word_embeddings=False, mlp_bias=True)
 
 
 def _zero3_llama(stage3_config):
@@ -103,10 +104,15 @@ def check_zero3_noisytune(rank):
         assert all(p.numel() == 0 for p in params.values()), "not partitioned"
         full = _gathered(model)
         want = _expected(full, LAM, SEED)
+        gate_bias = params["model.layers.0.mlp.gate_proj.bias"]
+        assert gate_bias.ds_numel == 21 and gate_bias.ds_tensor.numel() == 11
+        padding = gate_bias.ds_tensor[-1].clone()
         fastnoise.noisytune_(model, LAM, seed=SEED, backend=backend)
         got = _gathered(model)
         _assert_all_equal(got, want, list(params), f"ZeRO-3 noisytune_ ({backend})")
         assert any(not torch.equal(g, f) for g, f in zip(got, full))
+        if rank == 1:
+            assert torch.equal(gate_bias.ds_tensor[-1], padding), "padding was perturbed"
         # the public unpartitioned call agrees too (its std in its own arithmetic)
         public = [t.clone() for t in full]
         fastnoise.noisytune_(public, LAM, seed=SEED, backend=backend)
@@ -124,6 +130,15 @@ def check_zero3_noisytune(rank):
             for n, g, w, f in zip(params, got2, want2, full2):
                 expect = w if (n.endswith(".weight") and "embed_tokens" not in n) else f
                 assert torch.equal(g, expect), f"selection on ZeRO-3: {n}"
+
+    # bf16 partitions (the kernels' bf16 rounding), std from the bf16 values
+    bf16 = _config(3, bf16={"enabled": True})
+    torch.manual_seed(1)
+    model = _zero3_llama(bf16)
+    assert model.get_input_embeddings().weight.ds_tensor.dtype == torch.bfloat16
+    full = _gathered(model)
+    fastnoise.noisytune_(model, LAM, seed=SEED, backend="auto")
+    _assert_all_equal(_gathered(model), _expected(full, LAM, SEED), list(params), "bf16")
 
     # a drawn seed is rank 0's: only rank 0's generator decides, whatever the others hold
     results = []
