@@ -47,7 +47,8 @@ def _named_tensors(model_or_parameters) -> List[Tuple[str, torch.Tensor]]:
     return unique
 
 
-def _patterns(what: str, patterns: Patterns) -> List[str]:
+def check_patterns(what: str, patterns: Patterns) -> List[str]:
+    """Glob patterns as a list (a str is one pattern); TypeError for anything else."""
     if patterns is None:
         return []
     if isinstance(patterns, str):
@@ -60,7 +61,7 @@ def _patterns(what: str, patterns: Patterns) -> List[str]:
 
 
 def _select(named, include: Patterns, exclude: Patterns, trainable_only: bool) -> List[bool]:
-    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+    include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)
     names = [name for name, _ in named]
     unmatched = [p for p in include + exclude if not any(fnmatchcase(n, p) for n in names)]
     if unmatched:

@@ -14,7 +14,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from .functional import check_method, check_nonnegative
-from .noisytune import noisytune_
+from .noisytune import check_patterns, noisytune_
 from .integrations import patch, unpatch
 
 __all__ = ["FastNoiseCallback"]
@@ -37,6 +37,8 @@ class FastNoiseCallback(TrainerCallback):
                               else check_nonnegative("noisytune_lam", noisytune_lam))
         self.seed, self.patch_kwargs = seed, patch_kwargs
         # NoisyTune's parameter selection, passed through (see fastnoise.noisytune_)
+        check_patterns("noisytune_include", noisytune_include)
+        check_patterns("noisytune_exclude", noisytune_exclude)
         self.noisytune_selection = {"include": noisytune_include, "exclude": noisytune_exclude,
                                     "trainable_only": bool(noisytune_trainable_only)}
         self._tuned = False
@@ -44,12 +46,12 @@ class FastNoiseCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("FastNoiseCallback needs the Trainer to pass the model")
+        if getattr(args, "neftune_noise_alpha", None):  # checked before NoisyTune changes anything
+            raise ValueError("TrainingArguments.neftune_noise_alpha is set: the Hugging Face "
+                             "hook would add its noise on top of fastnoise's; unset it")
         if self.noisytune_lam and not self._tuned and state.global_step == 0:
             noisytune_(model, self.noisytune_lam, seed=self.seed, **self.noisytune_selection)
         self._tuned = True  # never again, also not when training resumes
-        if getattr(args, "neftune_noise_alpha", None):
-            raise ValueError("TrainingArguments.neftune_noise_alpha is set: the Hugging Face "
-                             "hook would add its noise on top of fastnoise's; unset it")
         if self.method is not None:
             patch(model, self.method, self.alpha, **self.patch_kwargs)
 

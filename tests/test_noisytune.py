@@ -196,6 +196,23 @@ def test_callback_passes_the_selection_through(tmp_path):
     assert any(not torch.equal(expect[n], before[n]) for n in before if "lora_" not in n)
 
 
+def test_callback_checks_before_noisytune_changes_anything(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from fastnoise.trainer import FastNoiseCallback
+
+    with pytest.raises(TypeError, match="noisytune_exclude"):
+        FastNoiseCallback("neftune", noisytune_lam=0.1, noisytune_exclude=[None])
+    model = _lora_llama()
+    before = _snapshot(model.parameters())
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[],
+                                          use_cpu=True, neftune_noise_alpha=5.0)
+    callback = FastNoiseCallback("neftune", noisytune_lam=0.15, seed=1)
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        callback.on_train_begin(args, transformers.TrainerState(), None, model=model)
+    assert _unchanged(model.parameters(), before)
+
+
 # --------------------------------------------------------------------------------------
 # C5: given statistics
 # --------------------------------------------------------------------------------------
