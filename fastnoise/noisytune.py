@@ -53,7 +53,7 @@ def check_patterns(what: str, patterns: Patterns) -> List[str]:
         return []
     if isinstance(patterns, str):
         return [patterns]
-    patterns = list(patterns)
+    patterns = list(patterns) if isinstance(patterns, (list, tuple, set)) else [patterns]
     if not patterns or not all(isinstance(p, str) for p in patterns):
         raise TypeError(f"noisytune_: {what} must be a glob pattern or a non-empty list of "
                         f"them, got {patterns!r}")

@@ -18,7 +18,7 @@ the reference math on their box.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -172,6 +172,7 @@ class _Shard:
 
     def __init__(self, name, t, start):
         self.name, self.param, self.start = name, t, start
+        self.work = None  # the contiguous flat data the kernel perturbs (flat shards)
         self.numel = logical_numel(t)
         if is_dtensor(t):
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -245,9 +246,8 @@ def noisytune_sharded_(entries: Sequence[Tuple[str, torch.Tensor, int]], lam: fl
         ops.apply_noisytune_(chunks, lam, ops.as_int64(seed),
                              [ops.as_int64(s) for s in starts], backend, chunk_stds)
     for sh in shards:
-        work = getattr(sh, "work", None)
-        if work is not None and work.data_ptr() != sh.values().data_ptr():
-            sh.values().copy_(work)
+        if sh.work is not None and sh.work.data_ptr() != sh.values().data_ptr():
+            sh.values().copy_(sh.work)
         sync_master_copy_(sh.param)
 
 

@@ -288,7 +288,6 @@ def check_fsdp1_refused(rank):
 
 def check_trainer_zero3(rank, out_dir):
     """FastNoiseCallback under Trainer with a ZeRO-3 config (Trainer's DeepSpeed path)."""
-    from transformers.integrations import HfDeepSpeedConfig  # noqa: F401
     from fastnoise.trainer import FastNoiseCallback
 
     # no "optimizer" entry: Trainer's torch AdamW (DeepSpeed's would JIT-build a C++ op)
