@@ -6,6 +6,7 @@ before/after ``deepspeed.initialize`` and training steps, ZeRO-2, FSDP1 refused,
 ``FastNoiseCallback`` under ``Trainer`` with a ZeRO-3 config.
 """
 
+import importlib.util
 import os
 import pathlib
 import socket
@@ -17,8 +18,12 @@ import torch
 
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
-pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
-pytest.importorskip("transformers")
+# looked up, not imported: deepspeed patches torch on import, and only the workers need it
+# (an installed but broken deepspeed fails the workers, loudly)
+for _module in ("deepspeed", "transformers"):
+    if importlib.util.find_spec(_module) is None:
+        pytest.skip(f"{_module} is not installed (pip install -e '.[test]')",
+                    allow_module_level=True)
 
 WORKER = pathlib.Path(__file__).with_name("zero_worker.py")
 ROOT = WORKER.parents[1]  # the workers import this checkout's fastnoise, not an installed one
