@@ -72,13 +72,22 @@ def test_trainer_patches_during_training_only(method, tmp_path):
     assert torch.equal(model.model.norm.weight.detach(), norm_before)  # std 0: unchanged
 
 
-def test_callback_refuses_double_noise(tmp_path):
+def test_callback_refuses_double_noise_before_changing_anything(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[],
                                           use_cpu=True, neftune_noise_alpha=5.0)
-    trainer = transformers.Trainer(model=_model(), args=args, train_dataset=_Tokens(),
-                                   callbacks=[FastNoiseCallback("neftune")])
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    callback = FastNoiseCallback("neftune", noisytune_lam=0.15)
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+                             callbacks=[callback])
+    # added after the Trainer was built: train begin refuses before NoisyTune or the patch
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
+    trainer.add_callback(callback)
     with pytest.raises(ValueError, match="neftune_noise_alpha"):
         trainer.train()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not fastnoise.is_patched(model)
 
 
 def test_callback_bad_arguments():
@@ -86,6 +95,16 @@ def test_callback_bad_arguments():
         FastNoiseCallback("noise")
     with pytest.raises(ValueError, match="alpha"):
         FastNoiseCallback("neftune", alpha=-1)
+    with pytest.raises(ValueError, match="noisytune_lam"):
+        FastNoiseCallback("neftune", noisytune_lam=float("nan"))
+    with pytest.raises(TypeError, match="seed"):
+        FastNoiseCallback("neftune", seed=1.5)
+    with pytest.raises(TypeError, match="use_attention_masks"):
+        FastNoiseCallback("neftune", use_attention_masks=True)
+    with pytest.raises(ValueError, match="noise kind"):
+        FastNoiseCallback("neftune", noise="laplace")
+    with pytest.raises(ValueError, match="backend"):
+        FastNoiseCallback("neftune", backend="cudaa")
 
 
 def test_finetune_tiny_example_runs():
@@ -124,3 +143,81 @@ def test_trl_sft_trainer(tmp_path):
     assert probe.patched == [True, True]
     assert model.get_input_embeddings() is original
     assert math.isfinite(result.training_loss)
+
+
+# --------------------------------------------------------------------------------------
+# SymNoise: the loss is the mean over the pair, as the unpatched model on the doubled batch
+# --------------------------------------------------------------------------------------
+class _Ragged(torch.utils.data.Dataset):
+    """Rows with different label counts (so num_items_in_batch matters)."""
+
+    def __init__(self, n=8, length=12, vocab=64):
+        gen = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(2, vocab, (n, length), generator=gen)
+        self.keep = torch.randint(4, length + 1, (n,), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i].clone()
+        labels[: len(labels) - int(self.keep[i])] = -100  # a prompt that is not trained on
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
+                "labels": labels}
+
+
+def _doubled(collate):
+    def collate_twice(features):
+        batch = collate(features)
+        return {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+    return collate_twice
+
+
+def _sft_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"t{i}": i for i in range(64)}  # a word-level tokenizer built here: no download
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0",
+                                                eos_token="t1")
+
+
+def _train_logs(kind, tmp_path, *, patched, accumulation):
+    """(loss, grad_norm) per step of a 3-step run; ``patched``: SymNoise at alpha 0 via the
+    callback; else the unpatched model fed the explicitly doubled batch."""
+    torch.manual_seed(0)
+    model = _model()
+    common = dict(output_dir=str(tmp_path / f"{kind}{patched}{accumulation}"), max_steps=3,
+                  per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
+                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                  learning_rate=1e-2, seed=0)
+    callbacks = [FastNoiseCallback("symnoise", alpha=0.0)] if patched else []
+    if kind == "trainer":
+        collate = transformers.default_data_collator
+        trainer = transformers.Trainer(
+            model=model, args=transformers.TrainingArguments(**common),
+            train_dataset=_Ragged(), data_collator=collate if patched else _doubled(collate),
+            callbacks=callbacks)
+    else:
+        trl = pytest.importorskip("trl")
+        datasets = pytest.importorskip("datasets")
+        data = _Ragged()
+        rows = {"input_ids": [data.ids[i, : 4 + i].tolist() for i in range(len(data))]}
+        collate = trl.trainer.sft_trainer.DataCollatorForLanguageModeling(pad_token_id=0)
+        trainer = trl.SFTTrainer(
+            model=model, args=trl.SFTConfig(**common, packing=False),
+            train_dataset=datasets.Dataset.from_dict(rows), processing_class=_sft_tokenizer(),
+            data_collator=collate if patched else _doubled(collate), callbacks=callbacks)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    return [(entry["loss"], entry["grad_norm"]) for entry in logs]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("kind", ["trainer", "sft"])
+def test_symnoise_trains_on_the_mean_of_the_pair(kind, accumulation, tmp_path):
+    got = _train_logs(kind, tmp_path, patched=True, accumulation=accumulation)
+    expect = _train_logs(kind, tmp_path, patched=False, accumulation=accumulation)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), rtol=2e-5, atol=1e-6)
