@@ -20,7 +20,7 @@ from .functional import check_nonnegative
 from .seeds import check_seed, draw_seed
 from . import sharded
 
-__all__ = ["noisytune_"]
+__all__ = ["noisytune_", "selected_parameters"]
 
 Patterns = Union[None, str, Sequence[str]]
 
@@ -74,6 +74,23 @@ def _select(named, include: Patterns, exclude: Patterns, trainable_only: bool) -
         raise ValueError("noisytune_: the selection (include / exclude / trainable_only) "
                          "leaves no parameter to perturb")
     return chosen
+
+
+def selected_parameters(model_or_parameters, include: Patterns = None, exclude: Patterns = None,
+                        trainable_only: bool = False) -> List[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of what :func:`noisytune_` with this selection perturbs (each once)."""
+    named = _named_tensors(model_or_parameters)
+    chosen = _chosen(model_or_parameters, named, include, exclude, trainable_only)
+    return [entry for entry, pick in zip(named, chosen) if pick]
+
+
+def _chosen(model_or_parameters, named, include, exclude, trainable_only) -> List[bool]:
+    if include is None and exclude is None and not trainable_only:
+        return [True] * len(named)
+    if not isinstance(model_or_parameters, torch.nn.Module):
+        raise TypeError("noisytune_: include / exclude / trainable_only select parameters of "
+                        "an nn.Module by name; with tensors, pass only the ones to perturb")
+    return _select(named, include, exclude, bool(trainable_only))
 
 
 def _fsdp1_sharded_units(model: torch.nn.Module) -> List[str]:
@@ -162,12 +179,7 @@ def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor
     lam = check_nonnegative("lam", lam)
     seed = check_seed(seed)
     named = _named_tensors(model_or_parameters)
-    selecting = include is not None or exclude is not None or trainable_only
-    if selecting and not isinstance(model_or_parameters, torch.nn.Module):
-        raise TypeError("noisytune_: include / exclude / trainable_only select parameters of "
-                        "an nn.Module by name; with tensors, pass only the ones to perturb")
-    chosen = _select(named, include, exclude, bool(trainable_only)) if selecting else \
-        [True] * len(named)
+    chosen = _chosen(model_or_parameters, named, include, exclude, trainable_only)
     if isinstance(model_or_parameters, torch.nn.Module):
         units = _fsdp1_sharded_units(model_or_parameters)
         if units:

@@ -194,6 +194,17 @@ def test_callback_passes_the_selection_through(tmp_path):
         want = before[n] if "lora_" in n else ref[k]
         assert torch.allclose(p, want, rtol=0, atol=1e-6), n
     assert any(not torch.equal(expect[n], before[n]) for n in before if "lora_" not in n)
+    # it logs what it perturbed: the selection's tensors
+    assert callback.logged["fastnoise/noisytune_tensors"] == sum(
+        "lora_" not in n for n in before)
+
+
+def test_a_generator_of_tensors_is_read_once():
+    tensors = [torch.randn(4, 5), torch.randn(6)]
+    expect = _snapshot(tensors)
+    R.noisytune_(expect, 0.15, seed=3)
+    fastnoise.noisytune_((t for t in tensors), 0.15, seed=3, backend="reference")
+    assert all(torch.equal(t, e) for t, e in zip(tensors, expect))
 
 
 def test_callback_checks_before_noisytune_changes_anything(tmp_path):
