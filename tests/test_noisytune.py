@@ -257,3 +257,10 @@ def test_apply_noisytune_with_given_stds(backend, dtype):
     assert (tensors[1].to(torch.float32) - x).abs().max() <= 0.5 * 0.2 * 3.25 * 1.01
     with pytest.raises(ValueError, match="stds"):
         torch.ops.fastnoise.apply_noisytune_(tensors, 0.2, 12, starts, backend, [1.0])
+
+
+def test_opcheck_apply_noisytune_with_stds():
+    tensors = [torch.randn(5, 7), torch.randn(33)]
+    torch.library.opcheck(torch.ops.fastnoise.apply_noisytune_.default,
+                          (tensors, 0.15, 3, [0, 9], "reference", [1.5, 0.25]),
+                          test_utils=("test_schema", "test_faketensor"))
