@@ -13,6 +13,17 @@ from .seeds import set_rank_distinct_noise
 from .integrations import is_patched, patch, unpatch
 from .modules import NoisyEmbedding
 
+_TRAINER_NAMES = ("FastNoiseCallback", "override_hf_neftune", "restore_hf_neftune")
+
+
+def __getattr__(name):
+    # the Trainer integration imports transformers: only when asked for (so not in __all__)
+    if name in _TRAINER_NAMES:
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'fastnoise' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 __all__ = [
     "noisy_embedding", "noisytune_", "NoisyEmbedding", "patch", "unpatch", "is_patched",

@@ -28,8 +28,9 @@ A backend is an object with
   token row (the pair's halves summed first) multiplied by float32(embed_scale) before it
   is accumulated; ids out of range contribute nothing (never written out of bounds) or
   raise (CPU);
-* ``noisytune_(tensors, lam, *, seed, starts)``: perturbs each tensor in place, tensor k from
-  counter ``starts[k]``.
+* ``noisytune_(tensors, lam, *, seed, starts, stds=None)``: perturbs each tensor in place,
+  tensor k from counter ``starts[k]``; ``stds`` (None, or one Python float per tensor) is
+  used as the tensor's std64 instead of its own (C5: a shard gets its whole parameter's std).
 
 All of them follow the randomness contract and the math of :mod:`fastnoise.reference`.
 """
@@ -90,9 +91,10 @@ class ReferenceBackend:
                                             embed_scale=embed_scale)
         return grad.to(grad_out.dtype)
 
-    def noisytune_(self, tensors, lam, *, seed, starts):
-        for t, start in zip(tensors, starts):
-            reference.noisytune_([t], lam, seed=seed, offset=start)
+    def noisytune_(self, tensors, lam, *, seed, starts, stds=None):
+        for k, (t, start) in enumerate(zip(tensors, starts)):
+            reference.noisytune_([t], lam, seed=seed, offset=start,
+                                 stds=None if stds is None else [stds[k]])
 
 
 class _LazyBackend:

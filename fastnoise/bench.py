@@ -351,6 +351,9 @@ def main(argv=None) -> int:
                         help="skip the torch.compile peers (they take a while to compile)")
     parser.add_argument("--csv", help="write every measurement to this CSV file")
     parser.add_argument("--plot", help="write a PNG plot of bandwidth and speedups")
+    parser.add_argument("--e2e", action="store_true",
+                        help="time one training step of a Llama-like model per method, stock "
+                             "hook vs fastnoise (fastnoise/bench_e2e.py), instead of the kernels")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -360,6 +363,9 @@ def main(argv=None) -> int:
     header = (f"fastnoise bench on {name}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}")
     print(header, flush=True)
+    if args.e2e:
+        from .bench_e2e import main as run_e2e
+        return run_e2e(args, device, header)
     step = [0]
 
     def progress(msg):

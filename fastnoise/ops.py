@@ -319,10 +319,13 @@ def call_noisy_embedding(weight, ids, tok_mag, noise, alpha, length, seed, offse
                     symmetric, backend, embed_scale)
 
 
-def check_noisytune_args(tensors, starts) -> None:
+def check_noisytune_args(tensors, starts, stds=None) -> None:
     _require(len(starts) == len(tensors),
              f"apply_noisytune_ needs one start counter per tensor: {len(tensors)} tensors, "
              f"{len(starts)} starts")
+    _require(stds is None or len(stds) == len(tensors),
+             f"apply_noisytune_ needs one std per tensor: {len(tensors)} tensors, "
+             f"{0 if stds is None else len(stds)} stds")
     for k, t in enumerate(tensors):
         if not t.is_floating_point():
             raise TypeError(f"fastnoise: NoisyTune perturbs floating-point tensors, tensor {k} "
@@ -335,18 +338,20 @@ def check_noisytune_args(tensors, starts) -> None:
 
 @torch.library.custom_op("fastnoise::apply_noisytune_", mutates_args=("tensors",))
 def apply_noisytune_(tensors: List[torch.Tensor], lam: float, seed: int, starts: List[int],
-                     backend: str) -> None:
+                     backend: str, stds: Optional[List[float]] = None) -> None:
     """NoisyTune in place over contiguous tensors of one device and dtype; tensor k from
-    counter ``starts[k]``."""
-    check_noisytune_args(tensors, starts)
+    counter ``starts[k]``. ``stds`` (C5, one float per tensor) replaces each tensor's own std:
+    a shard perturbed with the std of the whole parameter."""
+    check_noisytune_args(tensors, starts, stds)
     if not tensors:
         return
     chosen = resolve_backend(backend, tensors[0].device, tensors[0].dtype, op="noisytune")
+    extra = {} if stds is None else {"stds": [float(s) for s in stds]}
     chosen.noisytune_(list(tensors), lam, seed=as_uint64(seed),
-                      starts=[as_uint64(s) for s in starts])
+                      starts=[as_uint64(s) for s in starts], **extra)
 
 
 @apply_noisytune_.register_fake
-def _(tensors, lam, seed, starts, backend):
-    check_noisytune_args(tensors, starts)
+def _(tensors, lam, seed, starts, backend, stds=None):
+    check_noisytune_args(tensors, starts, stds)
     return None

