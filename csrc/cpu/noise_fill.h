@@ -1,0 +1,55 @@
+// CPU-only: the hot loops of the CPU kernels (Philox words -> noise values, and the fp32
+// e + n / e - n add), with one implementation per instruction set picked at run time:
+// AVX-512 (noise_avx512.cpp, compiled for that ISA through `#pragma GCC target`, used when
+// the running CPU has it) or portable C++ (noise_fill.cpp). Both give the values of
+// noise.h: uniform, +-1 and NoisyTune's u bit for bit, gaussian within ~1 ulp (own
+// vectorized log/sin/cos). FASTNOISE_CPU_ISA=portable (read once) forces the portable one.
+#pragma once
+
+#include <cstdint>
+
+#include "../noise.h"
+
+namespace fastnoise {
+namespace cpu {
+
+// What fill_noise writes: the noise kinds of noise.h, times m, or NoisyTune's raw u.
+enum FillKind : int {
+  kFillUniform = kUniform,      // uniform_noise(w) * m
+  kFillGaussian = kGaussian,    // box_muller(...) * m
+  kFillBernoulli = kBernoulli,  // sign_noise(...) * m (exactly +-m)
+  kFillUniform01 = 3,           // uniform01(w) (NoisyTune's u; m unused)
+};
+
+// The values of elements 0 .. count-1 of a run of counters starting at `first_counter`
+// (4 elements per counter; 128 for kFillBernoulli), laid out as in the reference: element j
+// comes from word j % 4 of counter j / 4 (bernoulli: bit j % 32 of word j / 32).
+// `out` must hold fill_buffer_len(count) floats (the vector code writes whole vectors).
+using FillNoiseFn = void (*)(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
+                             float m, float* out);
+
+// o[j] = e[j] + x[j] and, when o2 is not null, o2[j] = e[j] - x[j], j < count (float32).
+using AddSubF32Fn = void (*)(const float* e, const float* x, float* o, float* o2,
+                             int64_t count);
+
+inline int64_t fill_buffer_len(int64_t count) { return (count + 63) / 64 * 64; }
+
+struct CpuKernels {
+  const char* isa;  // "avx512" or "portable"
+  FillNoiseFn fill_noise;
+  AddSubF32Fn add_sub_f32;
+};
+
+// The kernels for this CPU (decided once per process).
+const CpuKernels& cpu_kernels();
+
+// The portable implementations (noise_fill.cpp) and, when compiled in, the AVX-512 ones
+// (noise_avx512.cpp: null where the compiler cannot target AVX-512).
+void fill_noise_portable(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
+                         float m, float* out);
+void add_sub_f32_portable(const float* e, const float* x, float* o, float* o2, int64_t count);
+extern const FillNoiseFn kFillNoiseAvx512;
+extern const AddSubF32Fn kAddSubF32Avx512;
+
+}  // namespace cpu
+}  // namespace fastnoise
