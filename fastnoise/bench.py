@@ -197,6 +197,7 @@ def run_bench(device, quick=False, shapes=None, dtype=None, compile_peers=True,
                     lambda: noisy_embedding(ids, weight, noise="bernoulli", alpha=alpha,
                                             backend=name), 2 * one)
         pair = f"symmetric pair {shape}"
+        measure(pair, "F.embedding", lambda: F.embedding(ids, weight), 3 * one)
         measure(pair, "torch_pair", lambda: torch_symnoise_pair(ids, weight, alpha), 3 * one)
         if compiled_pair is not None:
             measure(pair, "torch_pair+compile", lambda: compiled_pair(ids, weight, alpha),
@@ -259,6 +260,37 @@ def format_table(results: List[Result]) -> str:
         speed = ", ".join(f"{k} {v:.2f}x" for k, v in r.speedups.items())
         lines.append(f"{r.workload:44s} {r.impl:22s} {r.ms:9.4f} {r.gbps:8.1f} "
                      f"{r.pct_copy:6.1f} {extra:>7s}  {speed}")
+    return "\n".join(lines)
+
+
+#: The CPU targets of issue 15, for fastnoise[cpu] at each shape: (workload prefix, peer,
+#: bound, kind); "at_most": fastnoise time <= bound x peer time, "faster": peer time >=
+#: bound x fastnoise time.
+CPU_TARGETS = [
+    ("forward/bernoulli", "F.embedding", 1.5, "at_most"),
+    ("symmetric pair", "F.embedding", 2.0, "at_most"),
+    ("forward/uniform", "F.embedding", 2.5, "at_most"),
+    ("forward/gaussian", "F.embedding", 5.0, "at_most"),
+    ("forward/gaussian", "torch_gaussian", 2.0, "faster"),
+    ("noisytune", "snippet_loop", 3.0, "faster"),
+]
+
+
+def format_targets(results: List[Result], impl: str = "fastnoise[cpu]") -> str:
+    """The CPU targets (CPU_TARGETS) against the peers measured in the same run."""
+    lines = [f"targets ({impl} vs peers of the same run; time ratio = fastnoise ms / peer ms):"]
+    for prefix, peer, bound, kind in CPU_TARGETS:
+        for r in results:
+            if r.impl != impl or not r.workload.startswith(prefix) or peer not in r.speedups:
+                continue
+            speedup = r.speedups[peer]  # peer ms / fastnoise ms
+            if kind == "at_most":
+                ratio, met = 1.0 / speedup, 1.0 / speedup <= bound
+                what = f"{ratio:5.2f}x the time of {peer} (target <= {bound}x)"
+            else:
+                met = speedup >= bound
+                what = f"{speedup:5.2f}x faster than {peer} (target >= {bound}x)"
+            lines.append(f"  {r.workload:44s} {what:52s} {'met' if met else 'MISSED'}")
     return "\n".join(lines)
 
 
@@ -373,6 +405,8 @@ def main(argv=None) -> int:
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (bytes read + written)")
     print(format_table(results))
     print(format_auto_picks(results, device, results_dtype(device)))
+    if device.type == "cpu":
+        print(format_targets(results))
     if args.csv:
         write_csv(results, args.csv)
         print(f"wrote {args.csv}")
