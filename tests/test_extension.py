@@ -665,14 +665,16 @@ def test_cpu_noisytune_independent_of_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-def test_cpu_portable_fallback_matches_reference():
-    """The portable kernels (what a CPU without AVX-512 runs) pass the same checks."""
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_cpu_isa_fallbacks_match_reference(isa):
+    """The AVX2 and portable kernels (what CPUs without AVX-512 / AVX2 run) pass the same
+    checks (a cap the CPU cannot run falls back further: still checked)."""
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
          "-k", "test_cpu_forward_odd_widths and (float32 or float64) or test_cpu_noisytune_c2 "
                "or test_cpu_gaussian_draws_many or test_cpu_forward_independent"],
         capture_output=True, text=True, cwd=ROOT,
-        env={**os.environ, "FASTNOISE_CPU_ISA": "portable"})
+        env={**os.environ, "FASTNOISE_CPU_ISA": isa})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert " passed" in proc.stdout
 

@@ -16,7 +16,9 @@ void fill_noise_portable(int kind, uint64_t first_counter, int64_t count, uint64
       const Words4 r = philox4x32_10(first_counter + static_cast<uint64_t>(g), seed);
       const int64_t end = std::min<int64_t>(count, 128 * (g + 1));
       for (int64_t j = 128 * g; j < end; ++j) {
-        out[j] = sign_noise(r.w[(j >> 5) & 3], static_cast<int>(j & 31)) * m;
+        // sign_noise of noise.h without a branch (random bits mispredict): exactly +-1
+        const uint32_t bit = (r.w[(j >> 5) & 3] >> (j & 31)) & 1u;
+        out[j] = (1.0f - 2.0f * static_cast<float>(bit)) * m;
       }
     }
     return;
@@ -53,11 +55,25 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx2() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2");
+#else
+  return false;
+#endif
+}
+
 CpuKernels pick_kernels() {
-  const char* want = std::getenv("FASTNOISE_CPU_ISA");
-  const bool portable_only = want != nullptr && std::strcmp(want, "portable") == 0;
-  if (!portable_only && kFillNoiseAvx512 != nullptr && cpu_has_avx512()) {
+  // FASTNOISE_CPU_ISA caps the pick: "portable", "avx2" (or anything else: no cap)
+  const char* cap = std::getenv("FASTNOISE_CPU_ISA");
+  const bool portable_only = cap != nullptr && std::strcmp(cap, "portable") == 0;
+  const bool avx2_at_most = cap != nullptr && std::strcmp(cap, "avx2") == 0;
+  if (!portable_only && !avx2_at_most && kFillNoiseAvx512 != nullptr && cpu_has_avx512()) {
     return CpuKernels{"avx512", kFillNoiseAvx512, kAddSubF32Avx512};
+  }
+  if (!portable_only && kFillNoiseAvx2 != nullptr && cpu_has_avx2()) {
+    return CpuKernels{"avx2", kFillNoiseAvx2, kAddSubF32Avx2};
   }
   return CpuKernels{"portable", fill_noise_portable, add_sub_f32_portable};
 }

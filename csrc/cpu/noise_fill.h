@@ -1,9 +1,10 @@
 // CPU-only: the hot loops of the CPU kernels (Philox words -> noise values, and the fp32
-// e + n / e - n add), with one implementation per instruction set picked at run time:
-// AVX-512 (noise_avx512.cpp, compiled for that ISA through `#pragma GCC target`, used when
-// the running CPU has it) or portable C++ (noise_fill.cpp). Both give the values of
-// noise.h: uniform, +-1 and NoisyTune's u bit for bit, gaussian within ~1 ulp (own
-// vectorized log/sin/cos). FASTNOISE_CPU_ISA=portable (read once) forces the portable one.
+// e + n / e - n add), with one implementation per instruction set picked at run time, the
+// best the running CPU has: AVX-512 (noise_avx512.cpp), AVX2 (noise_avx2.cpp), each compiled
+// for its ISA through `#pragma GCC target`, or portable C++ (noise_fill.cpp). All give the
+// values of noise.h: uniform, +-1 and NoisyTune's u bit for bit, gaussian within ~1 ulp (own
+// vectorized log/sin/cos). FASTNOISE_CPU_ISA=avx2 or =portable (read once per process) caps
+// the pick, for tests and comparisons.
 #pragma once
 
 #include <cstdint>
@@ -35,7 +36,7 @@ using AddSubF32Fn = void (*)(const float* e, const float* x, float* o, float* o2
 inline int64_t fill_buffer_len(int64_t count) { return (count + 63) / 64 * 64; }
 
 struct CpuKernels {
-  const char* isa;  // "avx512" or "portable"
+  const char* isa;  // "avx512", "avx2" or "portable"
   FillNoiseFn fill_noise;
   AddSubF32Fn add_sub_f32;
 };
@@ -43,13 +44,15 @@ struct CpuKernels {
 // The kernels for this CPU (decided once per process).
 const CpuKernels& cpu_kernels();
 
-// The portable implementations (noise_fill.cpp) and, when compiled in, the AVX-512 ones
-// (noise_avx512.cpp: null where the compiler cannot target AVX-512).
+// The portable implementations (noise_fill.cpp) and, when compiled in, the AVX-512 and AVX2
+// ones (null where the compiler cannot target them).
 void fill_noise_portable(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
                          float m, float* out);
 void add_sub_f32_portable(const float* e, const float* x, float* o, float* o2, int64_t count);
 extern const FillNoiseFn kFillNoiseAvx512;
 extern const AddSubF32Fn kAddSubF32Avx512;
+extern const FillNoiseFn kFillNoiseAvx2;
+extern const AddSubF32Fn kAddSubF32Avx2;
 
 }  // namespace cpu
 }  // namespace fastnoise
