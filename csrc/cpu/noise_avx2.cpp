@@ -27,42 +27,45 @@ struct Words8 {
 
 inline __m256i set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
 
-// hi and lo 32 bits of a * k per lane (k a broadcast constant).
-inline void mul_hi_lo(__m256i a, __m256i k, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, k);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), k);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+// One Philox round on 4 counters held in the low 32 bits of 64-bit lanes: _mm256_mul_epu32
+// reads only those, so the upper halves may hold anything, and one multiply gives both
+// words (lo = the product's low half, hi = its high half).
+inline void philox_round4(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, __m256i k0,
+                          __m256i k1) {
+  const __m256i prod_b = _mm256_mul_epu32(c2, _mm256_set1_epi64x(kPhiloxRoundB));
+  const __m256i prod_a = _mm256_mul_epu32(c0, _mm256_set1_epi64x(kPhiloxRoundA));
+  c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_b, 32), c1), k0);
+  c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(prod_a, 32), c3), k1);
+  c1 = prod_b;
+  c3 = prod_a;
 }
 
-// philox4x32_10 (philox.h) of the 8 counters base .. base + 7 (64-bit, wrapping).
+// The low 32-bit halves of a's 4 lanes, then b's.
+inline __m256i pack_low(__m256i a, __m256i b) {
+  const __m256 ab = _mm256_shuffle_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b),
+                                      _MM_SHUFFLE(2, 0, 2, 0));  // a0 a1 b0 b1 | a2 a3 b2 b3
+  return _mm256_permute4x64_epi64(_mm256_castps_si256(ab), _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+// philox4x32_10 (philox.h) of the 8 counters base .. base + 7 (64-bit, wrapping): two
+// sets of 4 (counters base + l and base + 4 + l in 64-bit lane l), packed at the end.
 inline Words8 philox8(uint64_t base, uint64_t seed) {
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i base_lo = set1(static_cast<uint32_t>(base));
-  const __m256i base_hi = set1(static_cast<uint32_t>(base >> 32));
-  __m256i c0 = _mm256_add_epi32(base_lo, iota);
-  // carry where c0 < base_lo (unsigned): compare with the sign bits flipped; -1 = carry
-  const __m256i flip = set1(0x80000000u);
-  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, flip),
-                                           _mm256_xor_si256(c0, flip));
-  __m256i c1 = _mm256_sub_epi32(base_hi, carry);
-  __m256i c2 = _mm256_setzero_si256();
-  __m256i c3 = _mm256_setzero_si256();
-  const __m256i round_a = set1(kPhiloxRoundA);
-  const __m256i round_b = set1(kPhiloxRoundB);
+  const __m256i ctr_a = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(base)),
+                                         _mm256_setr_epi64x(0, 1, 2, 3));
+  const __m256i ctr_b = _mm256_add_epi64(ctr_a, _mm256_set1_epi64x(4));
+  __m256i a0 = ctr_a, a1 = _mm256_srli_epi64(ctr_a, 32);
+  __m256i b0 = ctr_b, b1 = _mm256_srli_epi64(ctr_b, 32);
+  __m256i a2 = _mm256_setzero_si256(), a3 = _mm256_setzero_si256();
+  __m256i b2 = _mm256_setzero_si256(), b3 = _mm256_setzero_si256();
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    __m256i hi_b, lo_b, hi_a, lo_a;
-    mul_hi_lo(c2, round_b, hi_b, lo_b);
-    mul_hi_lo(c0, round_a, hi_a, lo_a);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), set1(k0));
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), set1(k1));
-    c1 = lo_b;
-    c3 = lo_a;
+    const __m256i vk0 = _mm256_set1_epi64x(k0), vk1 = _mm256_set1_epi64x(k1);
+    philox_round4(a0, a1, a2, a3, vk0, vk1);
+    philox_round4(b0, b1, b2, b3, vk0, vk1);
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return Words8{{c0, c1, c2, c3}};
+  return Words8{{pack_low(a0, b0), pack_low(a1, b1), pack_low(a2, b2), pack_low(a3, b3)}};
 }
 
 // Stores x0..x3 (value k of counter l in lane l of xk) as 32 consecutive floats in the

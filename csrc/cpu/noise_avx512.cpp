@@ -30,40 +30,43 @@ struct Words16 {
   __m512i w[4];  // word k of counters base .. base + 15, lane l = counter base + l
 };
 
-// hi and lo 32 bits of a * k per lane (k a broadcast constant).
-inline void mul_hi_lo(__m512i a, __m512i k, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, k);                         // lanes 0, 2, ...
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), k);   // lanes 1, 3, ...
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+// One Philox round on 8 counters held in the low 32 bits of 64-bit lanes: _mm512_mul_epu32
+// reads only those, so the upper halves may hold anything (and do: products, xors), and
+// one multiply gives both words (lo = the product's low half, hi = its high half).
+inline void philox_round8(__m512i& c0, __m512i& c1, __m512i& c2, __m512i& c3, __m512i k0,
+                          __m512i k1) {
+  const __m512i prod_b = _mm512_mul_epu32(c2, _mm512_set1_epi64(kPhiloxRoundB));
+  const __m512i prod_a = _mm512_mul_epu32(c0, _mm512_set1_epi64(kPhiloxRoundA));
+  // 0x96: a ^ b ^ c
+  c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(prod_b, 32), c1, k0, 0x96);
+  c2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(prod_a, 32), c3, k1, 0x96);
+  c1 = prod_b;
+  c3 = prod_a;
 }
 
-// philox4x32_10 (philox.h) of the 16 counters base .. base + 15 (64-bit, wrapping).
+// philox4x32_10 (philox.h) of the 16 counters base .. base + 15 (64-bit, wrapping): two
+// interleaved sets of 8 (counters base + l and base + 8 + l in 64-bit lane l), packed into
+// 16 32-bit lanes at the end.
 inline Words16 philox16(uint64_t base, uint64_t seed) {
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
-  const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
-  __m512i c0 = _mm512_add_epi32(base_lo, iota);
-  const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, base_lo);
-  __m512i c1 = _mm512_mask_add_epi32(base_hi, carry, base_hi, _mm512_set1_epi32(1));
-  __m512i c2 = _mm512_setzero_si512();
-  __m512i c3 = _mm512_setzero_si512();
-  const __m512i round_a = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m512i round_b = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i ctr_a = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(base)), iota);
+  const __m512i ctr_b = _mm512_add_epi64(ctr_a, _mm512_set1_epi64(8));
+  __m512i a0 = ctr_a, a1 = _mm512_srli_epi64(ctr_a, 32);
+  __m512i b0 = ctr_b, b1 = _mm512_srli_epi64(ctr_b, 32);
+  __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+  __m512i b2 = _mm512_setzero_si512(), b3 = _mm512_setzero_si512();
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    __m512i hi_b, lo_b, hi_a, lo_a;
-    mul_hi_lo(c2, round_b, hi_b, lo_b);
-    mul_hi_lo(c0, round_a, hi_a, lo_a);
-    // 0x96: a ^ b ^ c
-    c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
-    c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
-    c1 = lo_b;
-    c3 = lo_a;
+    const __m512i vk0 = _mm512_set1_epi64(k0), vk1 = _mm512_set1_epi64(k1);
+    philox_round8(a0, a1, a2, a3, vk0, vk1);
+    philox_round8(b0, b1, b2, b3, vk0, vk1);
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return Words16{{c0, c1, c2, c3}};
+  // the low halves: a's 8 lanes, then b's
+  const __m512i low = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  return Words16{{_mm512_permutex2var_epi32(a0, low, b0), _mm512_permutex2var_epi32(a1, low, b1),
+                  _mm512_permutex2var_epi32(a2, low, b2), _mm512_permutex2var_epi32(a3, low, b3)}};
 }
 
 // Stores x0..x3 (value k of counter l in lane l of xk) as 64 consecutive floats in the
