@@ -46,6 +46,14 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
       kernels.fill_noise(static_cast<int>(kind), offset + static_cast<uint64_t>(r) *
                          static_cast<uint64_t>(G), d, seed, m, xp);
       const scalar_t* e = weight + static_cast<int64_t>(ids[r]) * w_stride;
+      if (r + 1 < end) {
+        // the next token's row is a random one: start its loads while this row computes
+        const char* next =
+            reinterpret_cast<const char*>(weight + static_cast<int64_t>(ids[r + 1]) * w_stride);
+        for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+          __builtin_prefetch(next + b);
+        }
+      }
       scalar_t* o = out + r * d;
       if constexpr (HAS_SCALE) {
         scalar_t* o2 = symmetric ? out + (n + r) * d : nullptr;
