@@ -42,9 +42,7 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
     float* xp = noise.data();
     for (int64_t r = begin; r < end; ++r) {
       const float m = tok_mag != nullptr ? tok_mag[r] : mag;
-      // xp[j] = xi_j * m (the noise n, rounded once)
-      kernels.fill_noise(static_cast<int>(kind), offset + static_cast<uint64_t>(r) *
-                         static_cast<uint64_t>(G), d, seed, m, xp);
+      const uint64_t first_counter = offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(G);
       const scalar_t* e = weight + static_cast<int64_t>(ids[r]) * w_stride;
       if (r + 1 < end) {
         // the next token's row is a random one: start its loads while this row computes
@@ -55,6 +53,13 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
         }
       }
       scalar_t* o = out + r * d;
+      if constexpr (!HAS_SCALE && std::is_same_v<scalar_t, float>) {
+        kernels.noisy_row_f32(static_cast<int>(kind), first_counter, d, seed, m, e, o,
+                              symmetric ? out + (n + r) * d : nullptr, xp);
+        continue;
+      }
+      // xp[j] = xi_j * m (the noise n, rounded once)
+      kernels.fill_noise(static_cast<int>(kind), first_counter, d, seed, m, xp);
       if constexpr (HAS_SCALE) {
         scalar_t* o2 = symmetric ? out + (n + r) * d : nullptr;
         for (int64_t j = 0; j < d; ++j) {
@@ -62,9 +67,6 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
           o[j] = static_cast<scalar_t>(x + static_cast<acc_t>(xp[j]));
           if (o2 != nullptr) o2[j] = static_cast<scalar_t>(x - static_cast<acc_t>(xp[j]));
         }
-      } else if constexpr (std::is_same_v<scalar_t, float>) {
-        (void)es;
-        kernels.add_sub_f32(e, xp, o, symmetric ? out + (n + r) * d : nullptr, d);
       } else {
         (void)es;
         for (int64_t j = 0; j < d; ++j) {

@@ -211,17 +211,19 @@ void fill_noise_avx2(int kind, uint64_t first_counter, int64_t count, uint64_t s
   }
 }
 
-void add_sub_f32_avx2(const float* e, const float* x, float* o, float* o2, int64_t count) {
+void noisy_row_f32_avx2(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
+                        float m, const float* e, float* o, float* o2, float* scratch) {
+  fill_noise_avx2(kind, first_counter, count, seed, m, scratch);
   int64_t j = 0;
   for (; j + 8 <= count; j += 8) {
     const __m256 ev = _mm256_loadu_ps(e + j);
-    const __m256 xv = _mm256_loadu_ps(x + j);
-    _mm256_storeu_ps(o + j, _mm256_add_ps(ev, xv));
-    if (o2 != nullptr) _mm256_storeu_ps(o2 + j, _mm256_sub_ps(ev, xv));
+    const __m256 nv = _mm256_loadu_ps(scratch + j);
+    _mm256_storeu_ps(o + j, _mm256_add_ps(ev, nv));
+    if (o2 != nullptr) _mm256_storeu_ps(o2 + j, _mm256_sub_ps(ev, nv));
   }
   for (; j < count; ++j) {
-    o[j] = e[j] + x[j];
-    if (o2 != nullptr) o2[j] = e[j] - x[j];
+    o[j] = e[j] + scratch[j];
+    if (o2 != nullptr) o2[j] = e[j] - scratch[j];
   }
 }
 
@@ -237,10 +239,10 @@ namespace fastnoise {
 namespace cpu {
 #if defined(FASTNOISE_AVX2)
 const FillNoiseFn kFillNoiseAvx2 = fill_noise_avx2;
-const AddSubF32Fn kAddSubF32Avx2 = add_sub_f32_avx2;
+const NoisyRowF32Fn kNoisyRowF32Avx2 = noisy_row_f32_avx2;
 #else
 const FillNoiseFn kFillNoiseAvx2 = nullptr;
-const AddSubF32Fn kAddSubF32Avx2 = nullptr;
+const NoisyRowF32Fn kNoisyRowF32Avx2 = nullptr;
 #endif
 }  // namespace cpu
 }  // namespace fastnoise

@@ -1,6 +1,6 @@
 // AVX-512 hot loops of noise_fill.h: Philox4x32-10 on 16 counters per vector, the words ->
 // noise transforms on whole vectors, a vectorized Box-Muller (own log/sin/cos, Cephes
-// polynomials, ~1 ulp) and the fp32 add. Compiled for AVX-512 through `#pragma GCC target`
+// polynomials, ~1 ulp) and, for float32 rows, the add fused in (no noise buffer). Compiled for AVX-512 through `#pragma GCC target`
 // (after every header, so no inline function of another file is compiled for AVX-512); run
 // only where the CPU has it (cpu_kernels() in noise_fill.cpp).
 //
@@ -69,9 +69,9 @@ inline Words16 philox16(uint64_t base, uint64_t seed) {
                   _mm512_permutex2var_epi32(a2, low, b2), _mm512_permutex2var_epi32(a3, low, b3)}};
 }
 
-// Stores x0..x3 (value k of counter l in lane l of xk) as 64 consecutive floats in the
-// reference's order: out[4 * l + k] = xk[l].
-inline void store_interleaved(float* out, __m512 x0, __m512 x1, __m512 x2, __m512 x3) {
+// x0..x3 (value k of counter l in lane l of xk) in the reference's order, as 4 vectors of
+// 16 consecutive values: v[q] lane i = value 16 * q + i = x((16q + i) % 4)[(16q + i) / 4].
+inline void interleave(__m512 x0, __m512 x1, __m512 x2, __m512 x3, __m512 v[4]) {
   const __m512i pair_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i pair_hi =
       _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -81,10 +81,10 @@ inline void store_interleaved(float* out, __m512 x0, __m512 x1, __m512 x2, __m51
   const __m512d b = _mm512_castps_pd(_mm512_permutex2var_ps(x0, pair_hi, x1));  // lanes 8-15
   const __m512d c = _mm512_castps_pd(_mm512_permutex2var_ps(x2, pair_lo, x3));
   const __m512d d = _mm512_castps_pd(_mm512_permutex2var_ps(x2, pair_hi, x3));
-  _mm512_storeu_ps(out, _mm512_castpd_ps(_mm512_permutex2var_pd(a, quad_lo, c)));
-  _mm512_storeu_ps(out + 16, _mm512_castpd_ps(_mm512_permutex2var_pd(a, quad_hi, c)));
-  _mm512_storeu_ps(out + 32, _mm512_castpd_ps(_mm512_permutex2var_pd(b, quad_lo, d)));
-  _mm512_storeu_ps(out + 48, _mm512_castpd_ps(_mm512_permutex2var_pd(b, quad_hi, d)));
+  v[0] = _mm512_castpd_ps(_mm512_permutex2var_pd(a, quad_lo, c));
+  v[1] = _mm512_castpd_ps(_mm512_permutex2var_pd(a, quad_hi, c));
+  v[2] = _mm512_castpd_ps(_mm512_permutex2var_pd(b, quad_lo, d));
+  v[3] = _mm512_castpd_ps(_mm512_permutex2var_pd(b, quad_hi, d));
 }
 
 // uniform01 of noise.h: v = w < 2**31 ? w : ~w & 0x7FFFFFFF, float(v) * kUniformScale.
@@ -180,24 +180,27 @@ inline void box_muller16(__m512i wa, __m512i wb, __m512& xa, __m512& xb) {
   xb = _mm512_mul_ps(rad, s);
 }
 
-void fill_noise_avx512(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
-                       float m, float* out) {
+// The values of fill_noise (noise_fill.h), 16 at a time: sink(j, v) gets values j .. j + 15
+// (j a multiple of 16, j < count; lanes past count are garbage).
+template <typename Sink>
+inline void generate(int kind, uint64_t first_counter, int64_t count, uint64_t seed, float m,
+                     Sink&& sink) {
   const __m512 vm = _mm512_set1_ps(m);
   if (kind == kFillBernoulli) {
     const __m512 neg_m = _mm512_set1_ps(-m);
     const int64_t counters = (count + 127) / 128;
-    alignas(64) uint32_t words[64];
     for (int64_t g0 = 0; g0 < counters; g0 += 16) {
       const Words16 r = philox16(first_counter + static_cast<uint64_t>(g0), seed);
-      store_interleaved(reinterpret_cast<float*>(words), _mm512_castsi512_ps(r.w[0]),
-                        _mm512_castsi512_ps(r.w[1]), _mm512_castsi512_ps(r.w[2]),
-                        _mm512_castsi512_ps(r.w[3]));
+      __m512 w[4];  // the 64 words in the reference's order
+      interleave(_mm512_castsi512_ps(r.w[0]), _mm512_castsi512_ps(r.w[1]),
+                 _mm512_castsi512_ps(r.w[2]), _mm512_castsi512_ps(r.w[3]), w);
+      alignas(64) uint32_t words[64];
+      for (int q = 0; q < 4; ++q) _mm512_store_ps(reinterpret_cast<float*>(words) + 16 * q, w[q]);
       const int64_t begin = 128 * g0, end = std::min<int64_t>(count, begin + 2048);
       for (int64_t j = begin; j < end; j += 16) {
         // bit b of the mask: element j + b, bit (j + b) % 32 of word (j + b) / 32; set = -m
-        const __mmask16 bits =
-            static_cast<__mmask16>(words[(j - begin) >> 5] >> (j & 31));
-        _mm512_storeu_ps(out + j, _mm512_mask_blend_ps(bits, vm, neg_m));
+        const __mmask16 bits = static_cast<__mmask16>(words[(j - begin) >> 5] >> (j & 31));
+        sink(j, _mm512_mask_blend_ps(bits, vm, neg_m));
       }
     }
     return;
@@ -215,25 +218,33 @@ void fill_noise_avx512(int kind, uint64_t first_counter, int64_t count, uint64_t
     } else {
       for (int k = 0; k < 4; ++k) x[k] = _mm512_mul_ps(uniform_noise16(r.w[k]), vm);
     }
-    store_interleaved(out + 4 * g0, x[0], x[1], x[2], x[3]);
+    __m512 v[4];
+    interleave(x[0], x[1], x[2], x[3], v);
+    for (int q = 0; q < 4 && 4 * g0 + 16 * q < count; ++q) sink(4 * g0 + 16 * q, v[q]);
   }
 }
 
-void add_sub_f32_avx512(const float* e, const float* x, float* o, float* o2, int64_t count) {
-  int64_t j = 0;
-  for (; j + 16 <= count; j += 16) {
-    const __m512 ev = _mm512_loadu_ps(e + j);
-    const __m512 xv = _mm512_loadu_ps(x + j);
-    _mm512_storeu_ps(o + j, _mm512_add_ps(ev, xv));
-    if (o2 != nullptr) _mm512_storeu_ps(o2 + j, _mm512_sub_ps(ev, xv));
-  }
-  if (j < count) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (count - j)) - 1u);
-    const __m512 ev = _mm512_maskz_loadu_ps(tail, e + j);
-    const __m512 xv = _mm512_maskz_loadu_ps(tail, x + j);
-    _mm512_mask_storeu_ps(o + j, tail, _mm512_add_ps(ev, xv));
-    if (o2 != nullptr) _mm512_mask_storeu_ps(o2 + j, tail, _mm512_sub_ps(ev, xv));
-  }
+void fill_noise_avx512(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
+                       float m, float* out) {
+  generate(kind, first_counter, count, seed, m,
+           [out](int64_t j, __m512 v) { _mm512_storeu_ps(out + j, v); });
+}
+
+// o = e + n, o2 = e - n (o2 may be null) straight from the registers: no noise buffer.
+void noisy_row_f32_avx512(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
+                          float m, const float* e, float* o, float* o2, float* /*scratch*/) {
+  generate(kind, first_counter, count, seed, m, [=](int64_t j, __m512 n) {
+    if (j + 16 <= count) {
+      const __m512 ev = _mm512_loadu_ps(e + j);
+      _mm512_storeu_ps(o + j, _mm512_add_ps(ev, n));
+      if (o2 != nullptr) _mm512_storeu_ps(o2 + j, _mm512_sub_ps(ev, n));
+    } else {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (count - j)) - 1u);
+      const __m512 ev = _mm512_maskz_loadu_ps(tail, e + j);
+      _mm512_mask_storeu_ps(o + j, tail, _mm512_add_ps(ev, n));
+      if (o2 != nullptr) _mm512_mask_storeu_ps(o2 + j, tail, _mm512_sub_ps(ev, n));
+    }
+  });
 }
 
 }  // namespace
@@ -248,10 +259,10 @@ namespace fastnoise {
 namespace cpu {
 #if defined(FASTNOISE_AVX512)
 const FillNoiseFn kFillNoiseAvx512 = fill_noise_avx512;
-const AddSubF32Fn kAddSubF32Avx512 = add_sub_f32_avx512;
+const NoisyRowF32Fn kNoisyRowF32Avx512 = noisy_row_f32_avx512;
 #else
 const FillNoiseFn kFillNoiseAvx512 = nullptr;
-const AddSubF32Fn kAddSubF32Avx512 = nullptr;
+const NoisyRowF32Fn kNoisyRowF32Avx512 = nullptr;
 #endif
 }  // namespace cpu
 }  // namespace fastnoise

@@ -36,10 +36,12 @@ void fill_noise_portable(int kind, uint64_t first_counter, int64_t count, uint64
   }
 }
 
-void add_sub_f32_portable(const float* e, const float* x, float* o, float* o2, int64_t count) {
-  for (int64_t j = 0; j < count; ++j) o[j] = e[j] + x[j];
+void noisy_row_f32_portable(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
+                            float m, const float* e, float* o, float* o2, float* scratch) {
+  fill_noise_portable(kind, first_counter, count, seed, m, scratch);
+  for (int64_t j = 0; j < count; ++j) o[j] = e[j] + scratch[j];
   if (o2 != nullptr) {
-    for (int64_t j = 0; j < count; ++j) o2[j] = e[j] - x[j];
+    for (int64_t j = 0; j < count; ++j) o2[j] = e[j] - scratch[j];
   }
 }
 
@@ -70,12 +72,12 @@ CpuKernels pick_kernels() {
   const bool portable_only = cap != nullptr && std::strcmp(cap, "portable") == 0;
   const bool avx2_at_most = cap != nullptr && std::strcmp(cap, "avx2") == 0;
   if (!portable_only && !avx2_at_most && kFillNoiseAvx512 != nullptr && cpu_has_avx512()) {
-    return CpuKernels{"avx512", kFillNoiseAvx512, kAddSubF32Avx512};
+    return CpuKernels{"avx512", kFillNoiseAvx512, kNoisyRowF32Avx512};
   }
   if (!portable_only && kFillNoiseAvx2 != nullptr && cpu_has_avx2()) {
-    return CpuKernels{"avx2", kFillNoiseAvx2, kAddSubF32Avx2};
+    return CpuKernels{"avx2", kFillNoiseAvx2, kNoisyRowF32Avx2};
   }
-  return CpuKernels{"portable", fill_noise_portable, add_sub_f32_portable};
+  return CpuKernels{"portable", fill_noise_portable, noisy_row_f32_portable};
 }
 
 }  // namespace

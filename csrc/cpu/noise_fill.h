@@ -1,5 +1,5 @@
-// CPU-only: the hot loops of the CPU kernels (Philox words -> noise values, and the fp32
-// e + n / e - n add), with one implementation per instruction set picked at run time, the
+// CPU-only: the hot loops of the CPU kernels (Philox words -> noise values, and float32 rows
+// e + n / e - n), with one implementation per instruction set picked at run time, the
 // best the running CPU has: AVX-512 (noise_avx512.cpp), AVX2 (noise_avx2.cpp), each compiled
 // for its ISA through `#pragma GCC target`, or portable C++ (noise_fill.cpp). All give the
 // values of noise.h: uniform, +-1 and NoisyTune's u bit for bit, gaussian within ~1 ulp (own
@@ -29,16 +29,18 @@ enum FillKind : int {
 using FillNoiseFn = void (*)(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
                              float m, float* out);
 
-// o[j] = e[j] + x[j] and, when o2 is not null, o2[j] = e[j] - x[j], j < count (float32).
-using AddSubF32Fn = void (*)(const float* e, const float* x, float* o, float* o2,
-                             int64_t count);
+// A float32 row without embed_scale: o[j] = e[j] + n[j] and, when o2 is not null,
+// o2[j] = e[j] - n[j], j < count, n = fill_noise's values. `scratch` holds
+// fill_buffer_len(count) floats (the AVX-512 code adds from registers and leaves it alone).
+using NoisyRowF32Fn = void (*)(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
+                               float m, const float* e, float* o, float* o2, float* scratch);
 
 inline int64_t fill_buffer_len(int64_t count) { return (count + 63) / 64 * 64; }
 
 struct CpuKernels {
   const char* isa;  // "avx512", "avx2" or "portable"
   FillNoiseFn fill_noise;
-  AddSubF32Fn add_sub_f32;
+  NoisyRowF32Fn noisy_row_f32;
 };
 
 // The kernels for this CPU (decided once per process).
@@ -48,11 +50,12 @@ const CpuKernels& cpu_kernels();
 // ones (null where the compiler cannot target them).
 void fill_noise_portable(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
                          float m, float* out);
-void add_sub_f32_portable(const float* e, const float* x, float* o, float* o2, int64_t count);
+void noisy_row_f32_portable(int kind, uint64_t first_counter, int64_t count, uint64_t seed,
+                            float m, const float* e, float* o, float* o2, float* scratch);
 extern const FillNoiseFn kFillNoiseAvx512;
-extern const AddSubF32Fn kAddSubF32Avx512;
+extern const NoisyRowF32Fn kNoisyRowF32Avx512;
 extern const FillNoiseFn kFillNoiseAvx2;
-extern const AddSubF32Fn kAddSubF32Avx2;
+extern const NoisyRowF32Fn kNoisyRowF32Avx2;
 
 }  // namespace cpu
 }  // namespace fastnoise
