@@ -1,8 +1,9 @@
 // AVX-512 hot loops of noise_fill.h: Philox4x32-10 on 16 counters per vector, the words ->
 // noise transforms on whole vectors, a vectorized Box-Muller (own log/sin/cos, Cephes
-// polynomials, ~1 ulp) and, for float32 rows, the add fused in (no noise buffer). Compiled for AVX-512 through `#pragma GCC target`
-// (after every header, so no inline function of another file is compiled for AVX-512); run
-// only where the CPU has it (cpu_kernels() in noise_fill.cpp).
+// polynomials, ~1 ulp) and, for float32 rows, the add fused in (no noise buffer). Compiled
+// for AVX-512 through `#pragma GCC target` (after every header, so no inline function of
+// another file is compiled for AVX-512); run only where the CPU has it (cpu_kernels() in
+// noise_fill.cpp).
 //
 // Every float operation is one IEEE operation rounded once, as in noise.h (no FMA):
 // uniform, +-1 and u are bit for bit those of the portable code.
