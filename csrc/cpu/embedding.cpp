@@ -54,28 +54,29 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
       }
       scalar_t* o = out + r * d;
       if constexpr (!HAS_SCALE && std::is_same_v<scalar_t, float>) {
+        (void)es;
         kernels.noisy_row_f32(static_cast<int>(kind), first_counter, d, seed, m, e, o,
                               symmetric ? out + (n + r) * d : nullptr, xp);
-        continue;
-      }
-      // xp[j] = xi_j * m (the noise n, rounded once)
-      kernels.fill_noise(static_cast<int>(kind), first_counter, d, seed, m, xp);
-      if constexpr (HAS_SCALE) {
-        scalar_t* o2 = symmetric ? out + (n + r) * d : nullptr;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t x = scale_embedding<scalar_t, acc_t>(static_cast<acc_t>(e[j]), es);
-          o[j] = static_cast<scalar_t>(x + static_cast<acc_t>(xp[j]));
-          if (o2 != nullptr) o2[j] = static_cast<scalar_t>(x - static_cast<acc_t>(xp[j]));
-        }
       } else {
-        (void)es;
-        for (int64_t j = 0; j < d; ++j) {
-          o[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) + static_cast<acc_t>(xp[j]));
-        }
-        if (symmetric) {
-          scalar_t* o2 = out + (n + r) * d;
+        // xp[j] = xi_j * m (the noise n, rounded once)
+        kernels.fill_noise(static_cast<int>(kind), first_counter, d, seed, m, xp);
+        if constexpr (HAS_SCALE) {
+          scalar_t* o2 = symmetric ? out + (n + r) * d : nullptr;
           for (int64_t j = 0; j < d; ++j) {
-            o2[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) - static_cast<acc_t>(xp[j]));
+            const acc_t x = scale_embedding<scalar_t, acc_t>(static_cast<acc_t>(e[j]), es);
+            o[j] = static_cast<scalar_t>(x + static_cast<acc_t>(xp[j]));
+            if (o2 != nullptr) o2[j] = static_cast<scalar_t>(x - static_cast<acc_t>(xp[j]));
+          }
+        } else {
+          (void)es;
+          for (int64_t j = 0; j < d; ++j) {
+            o[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) + static_cast<acc_t>(xp[j]));
+          }
+          if (symmetric) {
+            scalar_t* o2 = out + (n + r) * d;
+            for (int64_t j = 0; j < d; ++j) {
+              o2[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) - static_cast<acc_t>(xp[j]));
+            }
           }
         }
       }
