@@ -5,12 +5,15 @@
 // rounded once, as in noise.h, so uniform, +-1 and u are bit for bit the portable ones.
 #include "noise_fill.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// GCC only (`#pragma GCC target`); elsewhere these kernels are left out (null)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FASTNOISE_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2")
@@ -233,7 +236,7 @@ void noisy_row_f32_avx2(int kind, uint64_t first_counter, int64_t count, uint64_
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
-#endif  // __GNUC__ && __x86_64__
+#endif  // GCC on x86-64
 
 namespace fastnoise {
 namespace cpu {

@@ -9,12 +9,15 @@
 // uniform, +-1 and u are bit for bit those of the portable code.
 #include "noise_fill.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// GCC only (`#pragma GCC target`); elsewhere these kernels are left out (null)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FASTNOISE_AVX512 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl")
@@ -254,7 +257,7 @@ void noisy_row_f32_avx512(int kind, uint64_t first_counter, int64_t count, uint6
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
-#endif  // __GNUC__ && __x86_64__
+#endif  // GCC on x86-64
 
 namespace fastnoise {
 namespace cpu {
