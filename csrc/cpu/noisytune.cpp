@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -95,12 +96,16 @@ struct Chunk {
 
 }  // namespace
 
-// The op without its argument checks of the schema layer. stds: null, or one std per
-// tensor that replaces std64 (C5: a sharded tensor's std over all ranks).
+// The op, with the optional per-tensor std of contract C5 (schema `float[]? stds=None`):
+// when given, stds[k] replaces tensor k's std64 (a sharded tensor's std over all ranks).
 void noisytune_cpu_impl(at::TensorList tensors, double lam, int64_t seed,
-                        at::IntArrayRef starts, const double* stds) {
+                        at::IntArrayRef starts, std::optional<at::ArrayRef<double>> given_stds) {
   TORCH_CHECK(tensors.size() == starts.size(), "fastnoise: noisytune_ got ", tensors.size(),
               " tensors but ", starts.size(), " start counters");
+  TORCH_CHECK(!given_stds.has_value() || given_stds->size() == tensors.size(),
+              "fastnoise: noisytune_ got ", tensors.size(), " tensors but ",
+              given_stds.has_value() ? given_stds->size() : 0, " stds");
+  const double* stds = given_stds.has_value() ? given_stds->data() : nullptr;
   for (const at::Tensor& t : tensors) {
     TORCH_CHECK(t.device().is_cpu(), "fastnoise: CPU noisytune_ got a tensor on ", t.device());
     TORCH_CHECK(t.is_contiguous(), "fastnoise: noisytune_ needs contiguous tensors");
@@ -169,7 +174,7 @@ void noisytune_cpu_impl(at::TensorList tensors, double lam, int64_t seed,
 namespace {
 
 void noisytune_cpu(at::TensorList tensors, double lam, int64_t seed, at::IntArrayRef starts) {
-  noisytune_cpu_impl(tensors, lam, seed, starts, nullptr);
+  noisytune_cpu_impl(tensors, lam, seed, starts, std::nullopt);
 }
 
 }  // namespace
