@@ -4,7 +4,9 @@ Peers: plain ``F.embedding`` (the limit for the noisy embedding), the Hugging Fa
 path (``F.embedding`` then ``out + zeros_like(out).uniform_(-mag, mag)``), the same under
 torch.compile, torch-ops Gaussian noise, the torch-ops SymNoise pair (``cat([e + n, e - n])``)
 and the NoisyTune snippet loop. The memory-copy bandwidth of the device, measured in the same
-run, is the physical limit. Times are medians (``triton.testing.do_bench`` on a GPU).
+run, is the physical limit. Times are medians (``triton.testing.do_bench`` on a GPU; on a CPU
+the implementations of one workload are timed round-robin, so that other processes' load
+drifts over all of them alike).
 """
 
 from __future__ import annotations
@@ -64,6 +66,22 @@ def _time_ms(fn: Callable, device: torch.device, quick: bool) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def _time_ms_interleaved(fns: List[Callable], quick: bool) -> List[float]:
+    """Median milliseconds of each fn on a CPU, timed round-robin (one call of each per
+    round), so that load from other processes drifts over all of them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: List[List[float]] = [[] for _ in fns]
+    budget = (0.3 if quick else 1.5) * len(fns)
+    start = time.perf_counter()
+    while len(times[0]) < 3 or (time.perf_counter() - start < budget and len(times[0]) < 50):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
 
 
 def _extra_mib(fn: Callable, device: torch.device) -> Optional[float]:
@@ -161,11 +179,26 @@ def run_bench(device, quick=False, shapes=None, dtype=None, compile_peers=True,
     backends = fast_backends(device, dtype)
     results: List[Result] = []
 
+    pending = []  # CPU: measured together by flush(), interleaved
+
     def measure(workload, impl, fn, nbytes):
+        if device.type != "cuda":
+            pending.append((workload, impl, fn, nbytes))
+            return
         say(f"{workload}: {impl}")
         ms = _time_ms(fn, device, quick)
         extra = _extra_mib(fn, device)
         results.append(Result(workload, impl, ms, nbytes, extra))
+
+    def flush():
+        """Times the pending CPU measurements, one workload at a time, round-robin."""
+        for workload in dict.fromkeys(p[0] for p in pending):
+            group = [p for p in pending if p[0] == workload]
+            say(f"{workload}: " + ", ".join(p[1] for p in group))
+            for (_, impl, _, nbytes), ms in zip(group, _time_ms_interleaved(
+                    [p[2] for p in group], quick)):
+                results.append(Result(workload, impl, ms, nbytes, None))
+        pending.clear()
 
     compiled_hook = torch.compile(hf_neftune_hook) if compile_peers else None
     compiled_pair = torch.compile(torch_symnoise_pair) if compile_peers else None
@@ -182,29 +215,32 @@ def run_bench(device, quick=False, shapes=None, dtype=None, compile_peers=True,
             measure(fwd, "hf_hook+compile", lambda: compiled_hook(ids, weight, alpha), 2 * one)
         for name in backends:
             measure(fwd, f"fastnoise[{name}]",
-                    lambda: noisy_embedding(ids, weight, alpha=alpha, backend=name), 2 * one)
+                    lambda name=name: noisy_embedding(ids, weight, alpha=alpha, backend=name),
+                    2 * one)
         gauss = f"forward/gaussian {shape}"
         measure(gauss, "F.embedding", lambda: F.embedding(ids, weight), 2 * one)
         measure(gauss, "torch_gaussian", lambda: torch_gaussian(ids, weight, alpha), 2 * one)
         for name in backends:
             measure(gauss, f"fastnoise[{name}]",
-                    lambda: noisy_embedding(ids, weight, noise="gaussian", alpha=alpha,
-                                            backend=name), 2 * one)
+                    lambda name=name: noisy_embedding(ids, weight, noise="gaussian",
+                                                      alpha=alpha, backend=name), 2 * one)
         sign = f"forward/bernoulli {shape}"
         measure(sign, "F.embedding", lambda: F.embedding(ids, weight), 2 * one)
         for name in backends:
             measure(sign, f"fastnoise[{name}]",
-                    lambda: noisy_embedding(ids, weight, noise="bernoulli", alpha=alpha,
-                                            backend=name), 2 * one)
+                    lambda name=name: noisy_embedding(ids, weight, noise="bernoulli",
+                                                      alpha=alpha, backend=name), 2 * one)
         pair = f"symmetric pair {shape}"
+        measure(pair, "F.embedding", lambda: F.embedding(ids, weight), 2 * one)
         measure(pair, "torch_pair", lambda: torch_symnoise_pair(ids, weight, alpha), 3 * one)
         if compiled_pair is not None:
             measure(pair, "torch_pair+compile", lambda: compiled_pair(ids, weight, alpha),
                     3 * one)
         for name in backends:
             measure(pair, f"fastnoise[{name}]",
-                    lambda: noisy_embedding(ids, weight, noise="bernoulli", symmetric=True,
-                                            alpha=alpha, backend=name), 3 * one)
+                    lambda name=name: noisy_embedding(ids, weight, noise="bernoulli",
+                                                      symmetric=True, alpha=alpha, backend=name),
+                    3 * one)
         # forward + backward: the dense weight gradient dominates the bytes
         wgrad = weight.clone().requires_grad_()
         grad = torch.randn(batch, length, d, device=device, dtype=dtype)
@@ -221,6 +257,7 @@ def run_bench(device, quick=False, shapes=None, dtype=None, compile_peers=True,
                 wgrad.grad = None
                 noisy_embedding(ids, wgrad, alpha=alpha, backend=name).backward(grad)
             measure(fb, f"fastnoise[{name}]", step, fb_bytes)
+        flush()
         del wgrad, grad, weight
 
     params = [torch.randn(s, device=device, dtype=dtype) * 0.02 for s in llama_like_shapes(device)]
@@ -228,8 +265,9 @@ def run_bench(device, quick=False, shapes=None, dtype=None, compile_peers=True,
     nt = f"noisytune {total / 1e6:.0f}M params, {len(params)} tensors"
     measure(nt, "snippet_loop", lambda: noisytune_snippet(params), 3 * total * elt)
     for name in backends:
-        measure(nt, f"fastnoise[{name}]", lambda: noisytune_(params, 0.15, backend=name),
+        measure(nt, f"fastnoise[{name}]", lambda name=name: noisytune_(params, 0.15, backend=name),
                 3 * total * elt)
+    flush()
 
     _derive(results, copy_gbps)
     return results, copy_gbps
@@ -259,6 +297,41 @@ def format_table(results: List[Result]) -> str:
         speed = ", ".join(f"{k} {v:.2f}x" for k, v in r.speedups.items())
         lines.append(f"{r.workload:44s} {r.impl:22s} {r.ms:9.4f} {r.gbps:8.1f} "
                      f"{r.pct_copy:6.1f} {extra:>7s}  {speed}")
+    return "\n".join(lines)
+
+
+#: The CPU targets of issue 15, for fastnoise[cpu] at TARGET_SHAPE (at small shapes the
+#: Python op layer's fixed cost dominates): (workload prefix, peer, bound, kind); "at_most":
+#: fastnoise time <= bound x peer time, "faster": peer time >= bound x fastnoise time.
+TARGET_SHAPE = "B=8 L=512 d=1024 V=32000"
+CPU_TARGETS = [
+    ("forward/bernoulli", "F.embedding", 1.5, "at_most"),
+    ("symmetric pair", "F.embedding", 2.0, "at_most"),
+    ("forward/uniform", "F.embedding", 2.5, "at_most"),
+    ("forward/gaussian", "F.embedding", 5.0, "at_most"),
+    ("forward/gaussian", "torch_gaussian", 2.0, "faster"),
+    ("noisytune", "snippet_loop", 3.0, "faster"),
+]
+
+
+def format_targets(results: List[Result], impl: str = "fastnoise[cpu]") -> str:
+    """The CPU targets (CPU_TARGETS) against the peers measured in the same run."""
+    lines = [f"targets ({impl} vs peers of the same run; time ratio = fastnoise ms / peer ms):"]
+    shaped = any(TARGET_SHAPE in r.workload for r in results)
+    for prefix, peer, bound, kind in CPU_TARGETS:
+        for r in results:
+            if r.impl != impl or not r.workload.startswith(prefix) or peer not in r.speedups:
+                continue
+            if shaped and not r.workload.startswith("noisytune") and TARGET_SHAPE not in r.workload:
+                continue  # the targets are for TARGET_SHAPE (any shape when it was not run)
+            speedup = r.speedups[peer]  # peer ms / fastnoise ms
+            if kind == "at_most":
+                ratio, met = 1.0 / speedup, 1.0 / speedup <= bound
+                what = f"{ratio:5.2f}x the time of {peer} (target <= {bound}x)"
+            else:
+                met = speedup >= bound
+                what = f"{speedup:5.2f}x faster than {peer} (target >= {bound}x)"
+            lines.append(f"  {r.workload:44s} {what:52s} {'met' if met else 'MISSED'}")
     return "\n".join(lines)
 
 
@@ -379,6 +452,8 @@ def main(argv=None) -> int:
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s (bytes read + written)")
     print(format_table(results))
     print(format_auto_picks(results, device, results_dtype(device)))
+    if device.type == "cpu":
+        print(format_targets(results))
     if args.csv:
         write_csv(results, args.csv)
         print(f"wrote {args.csv}")

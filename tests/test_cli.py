@@ -66,6 +66,7 @@ def test_bench_quick_writes_csv_and_png(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "copy bandwidth" in proc.stdout and "speedup vs peers" in proc.stdout
     assert "F.embedding" in proc.stdout and "hf_hook" in proc.stdout
+    assert "targets (fastnoise[cpu]" in proc.stdout and "snippet_loop" in proc.stdout
     assert "[  1]" in proc.stderr  # progress while it runs
     rows = csv_path.read_text().splitlines()
     assert rows[0].startswith("workload,impl,ms") and len(rows) > 10
@@ -80,3 +81,22 @@ def test_bench_derives_ratios():
     _derive(rows, copy_gbps=1000.0)
     assert rows[2].speedups == {"F.embedding": 0.5, "hf_hook": 2.0}
     assert rows[2].gbps == 500.0 and rows[2].pct_copy == 50.0
+
+
+def test_bench_reports_cpu_targets():
+    from fastnoise.bench import Result, _derive, format_targets
+    rows = [Result("forward/bernoulli s", "F.embedding", 1.0, 1, None),
+            Result("forward/bernoulli s", "fastnoise[cpu]", 1.4, 1, None),
+            Result("forward/gaussian s", "F.embedding", 1.0, 1, None),
+            Result("forward/gaussian s", "torch_gaussian", 9.0, 1, None),
+            Result("forward/gaussian s", "fastnoise[cpu]", 6.0, 1, None),
+            Result("noisytune s", "snippet_loop", 9.0, 1, None),
+            Result("noisytune s", "fastnoise[cpu]", 2.0, 1, None)]
+    _derive(rows, copy_gbps=1.0)
+    lines = format_targets(rows).splitlines()[1:]
+    assert len(lines) == 4
+    assert "1.40x the time of F.embedding (target <= 1.5x)" in lines[0] and "met" in lines[0]
+    assert "6.00x the time of F.embedding" in lines[1] and lines[1].endswith("MISSED")
+    assert "1.50x faster than torch_gaussian (target >= 2.0x)" in lines[2]
+    assert lines[2].endswith("MISSED")
+    assert "4.50x faster than snippet_loop" in lines[3] and lines[3].endswith(" met")

@@ -4,9 +4,11 @@ Skipped as a whole when the extension is not built (``pip install --no-build-iso
 GPU tests carry ``@pytest.mark.gpu``; the nvcc compile check needs only nvcc.
 """
 
+import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -325,6 +327,27 @@ def test_forward_rejects_bad_arguments():
                                           tok_mag=None, seed=0, offset=0, symmetric=False)
 
 
+def _backward_c3(grad_out, ids, V, *, padding_idx, symmetric, embed_scale=1.0):
+    """The reference's weight gradient under contract C3: accumulated in float64 for float64
+    grads (float32 otherwise), in grad_out's dtype. (Local until fastnoise/reference.py
+    states C3; for float32/float16/bfloat16 it is the reference's.)"""
+    if grad_out.dtype != torch.float64:
+        return R.embedding_backward(grad_out, ids, V, padding_idx=padding_idx,
+                                    symmetric=symmetric, embed_scale=embed_scale).to(
+                                        grad_out.dtype)
+    n = ids.numel()
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    if symmetric:
+        g = g[:n] + g[n:]
+    if embed_scale != 1.0:
+        g = g * embed_scale
+    grad = torch.zeros(V, g.shape[1], dtype=torch.float64)
+    grad.index_add_(0, ids.reshape(-1).long(), g)
+    if padding_idx is not None:
+        grad[padding_idx] = 0
+    return grad
+
+
 # ---------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------
@@ -340,8 +363,8 @@ def test_backward_matches_reference(device, dtype, symmetric, deterministic):
     got = _backend(device).embedding_backward(grad_out, ids, V, padding_idx=padding_idx,
                                               symmetric=symmetric, deterministic=deterministic)
     assert got.dtype == dtype and got.shape == (V, d)
-    ref = R.embedding_backward(grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx,
-                               symmetric=symmetric).to(dtype)
+    ref = _backward_c3(grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx,
+                       symmetric=symmetric)
     assert torch.all(got[padding_idx] == 0)
     if device == "cpu" or deterministic:
         # same fp32 summation order as the reference's index_add_ on CPU
@@ -368,8 +391,8 @@ def test_backward_embed_scale(device, dtype, symmetric, deterministic):
                                               symmetric=symmetric, deterministic=deterministic,
                                               embed_scale=scale)
     assert got.dtype == dtype and got.shape == (V, d)
-    ref = R.embedding_backward(grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx,
-                               symmetric=symmetric, embed_scale=scale).to(dtype)
+    ref = _backward_c3(grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx,
+                       symmetric=symmetric, embed_scale=scale)
     if device == "cpu" or deterministic:
         assert torch.equal(got.cpu(), ref)
     else:
@@ -377,8 +400,8 @@ def test_backward_embed_scale(device, dtype, symmetric, deterministic):
     unscaled = _backend(device).embedding_backward(grad_out, ids, V, padding_idx=padding_idx,
                                                    symmetric=symmetric, deterministic=True,
                                                    embed_scale=1.0)
-    assert torch.equal(unscaled.cpu(), R.embedding_backward(
-        grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx, symmetric=symmetric).to(dtype))
+    assert torch.equal(unscaled.cpu(), _backward_c3(
+        grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx, symmetric=symmetric))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -472,6 +495,188 @@ def test_noisytune_std_is_stable(device):
     true_std = before.double().std().item()
     # (u - 0.5) * s spans [-s/2, s/2) ~ uniform: its std is s / sqrt(12)
     assert abs(spread.std().item() * 12 ** 0.5 / true_std - 1) < 0.05
+
+
+# ---------------------------------------------------------------------------------------
+# The CPU kernels: their vector code (AVX-512 where the CPU has it, picked at run time) and
+# the portable fallback (FASTNOISE_CPU_ISA=portable)
+# ---------------------------------------------------------------------------------------
+CPU_WIDTHS = [1, 3, 8, 100, 130, 264, 4200]
+ALL_DTYPES = DTYPES + [torch.float64]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("d", CPU_WIDTHS)
+def test_cpu_forward_odd_widths(noise, dtype, d):
+    """Widths around the vector lengths (16 lanes, 64 values per Philox vector, 2048 signs)."""
+    n = 5 if d == 4200 else 29
+    _check_forward("cpu", noise=noise, dtype=dtype, V=41, d=d, n=n)
+    _check_forward("cpu", noise=noise, dtype=dtype, V=41, d=d, n=n, symmetric=True,
+                   use_tok=True)
+    _check_forward("cpu", noise=noise, dtype=dtype, V=41, d=d, n=n, symmetric=True,
+                   embed_scale=_embed_scale(d, dtype))
+
+
+@pytest.mark.parametrize("noise", NOISES)
+def test_cpu_forward_independent_of_thread_count(noise):
+    weight = torch.randn(300, 264)
+    ids = torch.randint(0, 300, (517,))
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(_forward("cpu", ids, weight, noise=noise, mag=0.3, seed=11, offset=7,
+                                 symmetric=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("offset", [0, 2**32 - 100, 2**64 - 1000])
+def test_cpu_gaussian_draws_many(offset):
+    """~270k raw Box-Muller draws (vectorized log, sin, cos) within 1e-6 of the reference,
+    counters crossing 2**32 and wrapping 2**64."""
+    n, d = 64, 4200
+    seed = _rand_u64()
+    xi = _forward("cpu", torch.zeros(n, dtype=torch.long), torch.zeros(1, d), noise="gaussian",
+                  mag=1.0, seed=seed, offset=offset)
+    ref = R.draw_noise("gaussian", n, d, seed, offset)
+    torch.testing.assert_close(xi, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_backward_float64_accumulates_in_float64():
+    """Contract C3: 1 + 2e-9 survives the sum of a float64 gradient."""
+    g = torch.tensor([[1.0], [2e-9], [5.0]], dtype=torch.float64)
+    ids = torch.tensor([0, 0, 1])
+    for symmetric in (False, True):
+        grad_out = torch.cat([g, torch.zeros_like(g)]) if symmetric else g
+        got = ext.CPU_BACKEND.embedding_backward(grad_out, ids, 2, padding_idx=None,
+                                                 symmetric=symmetric, deterministic=True)
+        assert got.dtype == torch.float64
+        assert got[0, 0].item() == 1.0 + 2e-9 and got[1, 0].item() == 5.0
+        scaled = ext.CPU_BACKEND.embedding_backward(grad_out, ids, 2, padding_idx=None,
+                                                    symmetric=symmetric, deterministic=True,
+                                                    embed_scale=3.0)
+        assert scaled[0, 0].item() == 3.0 + 3 * 2e-9
+
+
+def _noisytune_c2(tensors, lam, seed, starts, stds=None):
+    """NoisyTune under contract C2, literally, in torch (local until fastnoise/reference.py
+    states C2): std64 from float64 values; float32(float32(lam) * float32(std64)) and float32
+    arithmetic for float32/float16/bfloat16; float64 arithmetic for float64."""
+    for k, (t, start) in enumerate(zip(tensors, starts)):
+        n = t.numel()
+        if n < 2:
+            continue
+        x64 = t.double().reshape(-1)
+        std64 = float(x64.std()) if stds is None else float(stds[k])
+        u = R.uniform01(R.noise_words(seed, start, (n + 3) // 4)).reshape(-1)[:n]
+        if t.dtype == torch.float64:
+            s = lam * std64
+            if not math.isfinite(s) or s == 0.0:
+                continue
+            t.copy_((x64 + (u.double() - 0.5) * s).reshape(t.shape))
+        else:
+            f32 = lambda v: torch.tensor(v, dtype=torch.float32)
+            s = f32(lam) * f32(std64)
+            if not bool(torch.isfinite(s)) or float(s) == 0.0:
+                continue
+            t.copy_((t.float().reshape(-1) + (u - 0.5) * s).reshape(t.shape).to(t.dtype))
+
+
+def _same(a, b):
+    """Equal element for element, NaN equal to NaN."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _check_noisytune_c2(tensors, lam, seed, offset):
+    starts = R.noisytune_offsets([t.numel() for t in tensors], offset)
+    before = [t.clone() for t in tensors]
+    expected = [t.clone() for t in tensors]
+    _noisytune_c2(expected, lam, seed, starts)
+    ext.CPU_BACKEND.noisytune_(tensors, lam, seed=seed, starts=starts)
+    for got, exp, old in zip(tensors, expected, before):
+        if _same(exp, old):  # skipped by the rule
+            assert _same(got, old)
+            continue
+        assert not _same(got, old)
+        # std64 may differ in its last bits (another summation order): the deltas agree to
+        # ~1e-6 relative, the result to the rounding of the final add
+        delta_got = got.double() - old.double()
+        delta_exp = exp.double() - old.double()
+        eps = torch.finfo(got.dtype).eps
+        tol = eps * old.double().abs() + 1e-6 * delta_exp.abs() + 1e-300
+        assert torch.all((delta_got - delta_exp).abs() <= tol), \
+            ((delta_got - delta_exp).abs() - tol).max()
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_cpu_noisytune_c2(dtype):
+    shapes = [(64, 33), (7,), (1,), (3, 5, 2), (1000,), (129, 257), (40000,), (2,)]
+    tensors = [(torch.randn(s) * 10 ** float(torch.randint(-3, 4, ()))).to(dtype)
+               for s in shapes]
+    tensors.append(torch.full((50,), 3.0, dtype=dtype))  # std 0: unchanged
+    tensors.append(torch.zeros(0, dtype=dtype))
+    tensors.append(torch.tensor([1.0, float("nan"), 2.0], dtype=dtype))  # std NaN: unchanged
+    _check_noisytune_c2(tensors, 0.15, _rand_u64(), int(torch.randint(0, 2**40, (1,))))
+
+
+def test_cpu_noisytune_c2_float64_arithmetic():
+    """float64 tensors are perturbed in float64: deltas far below float32's resolution."""
+    t = 1.0 + 1e-12 * torch.randn(10_000, dtype=torch.float64)
+    old = t.clone()
+    _check_noisytune_c2([t], 0.5, 5, 0)
+    delta = t - old
+    assert delta.abs().max() < 1e-11 and (delta != 0).float().mean() > 0.9
+
+
+def test_cpu_noisytune_c2_huge_std():
+    """std in float64: float32 tensors with std 1e18 and 3e37 are perturbed; a float32 s that
+    overflows (std ~4e38) leaves the tensor unchanged; float64 follows its own range."""
+    big18 = torch.randn(5000) * 1e18
+    big37 = torch.randn(5000) * 1e37
+    overflow = torch.tensor([3e38, -3e38, 3e38, -3e38])
+    big64 = torch.randn(3000, dtype=torch.float64) * 1e150  # M2 ~ 1e303 still finite
+    tensors = [big18, big37, overflow, big64]
+    before = [t.clone() for t in tensors]
+    _check_noisytune_c2(tensors, 1.0, _rand_u64(), 99)
+    assert not torch.equal(big18, before[0]) and not torch.equal(big37, before[1])
+    assert torch.equal(overflow, before[2]) and not torch.equal(big64, before[3])
+    assert all(torch.isfinite(t).all() for t in (big18, big37, big64))
+
+
+def test_cpu_noisytune_independent_of_thread_count():
+    shapes = [(70000,), (5, 7), (33000,), (128, 128)]
+    src = [torch.randn(s) for s in shapes] + [torch.randn(20000, dtype=torch.float64)]
+    starts = R.noisytune_offsets([t.numel() for t in src], 123)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            ts = [x.clone() for x in src]
+            ext.CPU_BACKEND.noisytune_(ts, 0.2, seed=4, starts=starts)
+            results.append(ts)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_cpu_isa_fallbacks_match_reference(isa):
+    """The AVX2 and portable kernels (what CPUs without AVX-512 / AVX2 run) pass the same
+    checks (a cap the CPU cannot run falls back further: still checked)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+         "-k", "test_cpu_forward_odd_widths and (float32 or float64) or test_cpu_noisytune_c2 "
+               "or test_cpu_gaussian_draws_many or test_cpu_forward_independent"],
+        capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "FASTNOISE_CPU_ISA": isa})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------

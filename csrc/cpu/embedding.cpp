@@ -6,9 +6,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
+#include "noise_fill.h"
 
 namespace fastnoise {
 namespace cpu {
@@ -23,56 +25,6 @@ void check_ids_in_range(const index_t* ids, int64_t n, int64_t num_weights) {
   }
 }
 
-// Philox of kLanes counters at once, structure-of-arrays so the compiler can vectorize the
-// rounds (same function as philox4x32_10, lane by lane).
-constexpr int kLanes = 8;
-inline void philox_lanes(uint64_t base, uint64_t seed, uint32_t* words /* 4 * kLanes */) {
-  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    const uint64_t ctr = base + static_cast<uint64_t>(l);
-    c0[l] = static_cast<uint32_t>(ctr);
-    c1[l] = static_cast<uint32_t>(ctr >> 32);
-    c2[l] = 0u;
-    c3[l] = 0u;
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    for (int l = 0; l < kLanes; ++l) {
-      const uint64_t pb = static_cast<uint64_t>(kPhiloxRoundB) * c2[l];
-      const uint64_t pa = static_cast<uint64_t>(kPhiloxRoundA) * c0[l];
-      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[l] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[l] ^ k1;
-      c1[l] = static_cast<uint32_t>(pb);
-      c3[l] = static_cast<uint32_t>(pa);
-      c0[l] = n0;
-      c2[l] = n2;
-    }
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    words[4 * l + 0] = c0[l];
-    words[4 * l + 1] = c1[l];
-    words[4 * l + 2] = c2[l];
-    words[4 * l + 3] = c3[l];
-  }
-}
-
-// Fills words[0 .. 4*G) with the Philox words of counters base .. base + G - 1.
-inline void philox_words(uint64_t base, int64_t G, uint64_t seed, uint32_t* words) {
-  int64_t g = 0;
-  for (; g + kLanes <= G; g += kLanes) {
-    philox_lanes(base + static_cast<uint64_t>(g), seed, words + 4 * g);
-  }
-  for (; g < G; ++g) {
-    const Words4 r = philox4x32_10(base + static_cast<uint64_t>(g), seed);
-    words[4 * g + 0] = r.w[0];
-    words[4 * g + 1] = r.w[1];
-    words[4 * g + 2] = r.w[2];
-    words[4 * g + 3] = r.w[3];
-  }
-}
-
 // HAS_SCALE: embed_scale != 1 (Gemma): e = dtype(e * embed_scale) before the noise. The
 // unscaled instantiation is the plain kernel (embed_scale unused).
 template <typename scalar_t, typename index_t, bool HAS_SCALE>
@@ -82,49 +34,49 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
   using acc_t = typename AddType<scalar_t>::type;  // float, or double for double weights
   // the reference multiplies in the add type: float32(embed_scale), float64 for float64
   const acc_t es = static_cast<acc_t>(embed_scale);
-  const int64_t per = elements_per_counter(kind);
-  const int64_t G = (d + per - 1) / per;
+  const int64_t G = (d + elements_per_counter(kind) - 1) / elements_per_counter(kind);
+  const CpuKernels& kernels = cpu_kernels();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> words(static_cast<size_t>(4 * G));
-    std::vector<float> xi(static_cast<size_t>(G * per));
-    uint32_t* wp = words.data();
-    float* xp = xi.data();
+    std::vector<float> noise(static_cast<size_t>(fill_buffer_len(d)));
+    float* xp = noise.data();
     for (int64_t r = begin; r < end; ++r) {
-      philox_words(offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(G), G, seed, wp);
-      if (kind == kUniform) {
-        for (int64_t j = 0; j < d; ++j) xp[j] = uniform_noise(wp[j]);
-      } else if (kind == kGaussian) {
-        for (int64_t g = 0; g < G; ++g) {
-          box_muller(wp[4 * g + 0], wp[4 * g + 1], xp[4 * g + 0], xp[4 * g + 1]);
-          box_muller(wp[4 * g + 2], wp[4 * g + 3], xp[4 * g + 2], xp[4 * g + 3]);
-        }
-      } else {
-        for (int64_t j = 0; j < d; ++j) {
-          const uint32_t bit = (wp[j >> 5] >> (j & 31)) & 1u;
-          xp[j] = 1.0f - 2.0f * static_cast<float>(bit);  // exact: +-1
+      const float m = tok_mag != nullptr ? tok_mag[r] : mag;
+      const uint64_t first_counter = offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(G);
+      const scalar_t* e = weight + static_cast<int64_t>(ids[r]) * w_stride;
+      if (r + 1 < end) {
+        // the next token's row is a random one: start its loads while this row computes
+        const char* next =
+            reinterpret_cast<const char*>(weight + static_cast<int64_t>(ids[r + 1]) * w_stride);
+        for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+          __builtin_prefetch(next + b);
         }
       }
-      const float m = tok_mag != nullptr ? tok_mag[r] : mag;
-      for (int64_t j = 0; j < d; ++j) xp[j] = xp[j] * m;  // n, rounded once
-      const scalar_t* e = weight + static_cast<int64_t>(ids[r]) * w_stride;
       scalar_t* o = out + r * d;
-      if constexpr (HAS_SCALE) {
-        scalar_t* o2 = symmetric ? out + (n + r) * d : nullptr;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t x = scale_embedding<scalar_t, acc_t>(static_cast<acc_t>(e[j]), es);
-          o[j] = static_cast<scalar_t>(x + static_cast<acc_t>(xp[j]));
-          if (o2 != nullptr) o2[j] = static_cast<scalar_t>(x - static_cast<acc_t>(xp[j]));
-        }
-      } else {
+      if constexpr (!HAS_SCALE && std::is_same_v<scalar_t, float>) {
         (void)es;
-        for (int64_t j = 0; j < d; ++j) {
-          o[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) + static_cast<acc_t>(xp[j]));
-        }
-        if (symmetric) {
-          scalar_t* o2 = out + (n + r) * d;
+        kernels.noisy_row_f32(static_cast<int>(kind), first_counter, d, seed, m, e, o,
+                              symmetric ? out + (n + r) * d : nullptr, xp);
+      } else {
+        // xp[j] = xi_j * m (the noise n, rounded once)
+        kernels.fill_noise(static_cast<int>(kind), first_counter, d, seed, m, xp);
+        if constexpr (HAS_SCALE) {
+          scalar_t* o2 = symmetric ? out + (n + r) * d : nullptr;
           for (int64_t j = 0; j < d; ++j) {
-            o2[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) - static_cast<acc_t>(xp[j]));
+            const acc_t x = scale_embedding<scalar_t, acc_t>(static_cast<acc_t>(e[j]), es);
+            o[j] = static_cast<scalar_t>(x + static_cast<acc_t>(xp[j]));
+            if (o2 != nullptr) o2[j] = static_cast<scalar_t>(x - static_cast<acc_t>(xp[j]));
+          }
+        } else {
+          (void)es;
+          for (int64_t j = 0; j < d; ++j) {
+            o[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) + static_cast<acc_t>(xp[j]));
+          }
+          if (symmetric) {
+            scalar_t* o2 = out + (n + r) * d;
+            for (int64_t j = 0; j < d; ++j) {
+              o2[j] = static_cast<scalar_t>(static_cast<acc_t>(e[j]) - static_cast<acc_t>(xp[j]));
+            }
           }
         }
       }
@@ -172,42 +124,45 @@ void embedding_forward_cpu(const at::Tensor& ids, const at::Tensor& weight, cons
 }
 
 // Deterministic backward: a stable counting sort of the token positions by id, then each
-// vocabulary row sums its tokens' gradients in token order (fp32), in parallel over rows.
-// The summation order is that of the reference's index_add_ on CPU. HAS_SCALE: each fp32
-// token row (the pair's two halves summed first) is multiplied by float32(embed_scale)
-// before it is accumulated, as in the reference.
+// vocabulary row sums its tokens' gradients in token order, in parallel over rows, in
+// float32 (float64 for float64 grads: contract C3). The summation order is that of the
+// reference's index_add_ on CPU. HAS_SCALE: each token row (the pair's two halves summed
+// first) is multiplied by embed_scale (in the accumulation type) before it is accumulated,
+// as in the reference.
 template <typename scalar_t, bool HAS_SCALE>
 void backward_kernel(const scalar_t* g, int64_t n, int64_t d, bool symmetric,
                      const std::vector<int64_t>& start, const std::vector<int64_t>& order,
-                     int64_t num_weights, int64_t padding, float es, scalar_t* grad) {
+                     int64_t num_weights, int64_t padding, double embed_scale, scalar_t* grad) {
+  using acc_t = typename AddType<scalar_t>::type;  // float, or double for double grads
+  const acc_t es = static_cast<acc_t>(embed_scale);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1));
   at::parallel_for(0, num_weights, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(static_cast<size_t>(d));
-    float* a = acc.data();
+    std::vector<acc_t> acc(static_cast<size_t>(d));
+    acc_t* a = acc.data();
     for (int64_t v = begin; v < end; ++v) {
       const int64_t s = start[v], e = start[v + 1];
       if (s == e || v == padding) continue;
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t k = s; k < e; ++k) {
         const scalar_t* row = g + order[k] * d;
         if constexpr (HAS_SCALE) {
           if (symmetric) {
             const scalar_t* row2 = g + (order[k] + n) * d;
             for (int64_t j = 0; j < d; ++j) {
-              a[j] += (static_cast<float>(row[j]) + static_cast<float>(row2[j])) * es;
+              a[j] += (static_cast<acc_t>(row[j]) + static_cast<acc_t>(row2[j])) * es;
             }
           } else {
-            for (int64_t j = 0; j < d; ++j) a[j] += static_cast<float>(row[j]) * es;
+            for (int64_t j = 0; j < d; ++j) a[j] += static_cast<acc_t>(row[j]) * es;
           }
         } else {
           (void)es;
           if (symmetric) {
             const scalar_t* row2 = g + (order[k] + n) * d;
             for (int64_t j = 0; j < d; ++j) {
-              a[j] += static_cast<float>(row[j]) + static_cast<float>(row2[j]);
+              a[j] += static_cast<acc_t>(row[j]) + static_cast<acc_t>(row2[j]);
             }
           } else {
-            for (int64_t j = 0; j < d; ++j) a[j] += static_cast<float>(row[j]);
+            for (int64_t j = 0; j < d; ++j) a[j] += static_cast<acc_t>(row[j]);
           }
         }
       }
@@ -246,10 +201,10 @@ at::Tensor embedding_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
         scalar_t* out = grad.data_ptr<scalar_t>();
         if (embed_scale != 1.0) {
           backward_kernel<scalar_t, true>(gp, n, d, symmetric, start, order, num_weights,
-                                          padding, static_cast<float>(embed_scale), out);
+                                          padding, embed_scale, out);
         } else {
           backward_kernel<scalar_t, false>(gp, n, d, symmetric, start, order, num_weights,
-                                           padding, 1.0f, out);
+                                           padding, 1.0, out);
         }
       });
   return grad;

@@ -1,19 +1,32 @@
-// CPU NoisyTune: W += (u - 0.5) * float32(lam) * std(W), in place, per tensor.
+// CPU NoisyTune, in place, per tensor (contract C2 of the reference):
+//   std64 = sqrt(M2 / (n - 1)) in float64 from the exact element values (or the given std, C5)
+//   float32/float16/bfloat16: s = float32(float32(lam) * float32(std64)),
+//                             W = dtype(float32(W) + (u - 0.5f) * s)   (float32 ops, no FMA)
+//   float64:                  s = lam * std64, W = W + (double(u) - 0.5) * s
+//   n < 2, or s not finite, or s == 0: the tensor is unchanged.
+// All tensors are cut into fixed chunks (the result does not depend on the thread count);
+// one parallel pass computes every chunk's moments, one more perturbs every chunk.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
+#include "noise_fill.h"
 
 namespace fastnoise {
 namespace cpu {
 namespace {
 
-constexpr int64_t kStatChunk = 16384;  // fixed: the result does not depend on thread count
+// Elements per chunk: a multiple of 4 (a chunk starts on a Philox counter) and of 8 (the
+// accumulator lanes below).
+constexpr int64_t kChunk = 16384;
 
 struct Moments {
   double n = 0.0, mean = 0.0, m2 = 0.0;
@@ -31,68 +44,137 @@ inline Moments merge(const Moments& a, const Moments& b) {
   return r;
 }
 
-// Unbiased std in float32 (statistics in float64: per-chunk two-pass, Chan merges in order).
+// Two-pass moments of x[0 .. count) in float64 from the exact values, with 8 independent
+// accumulators (a fixed order the compiler can vectorize).
 template <typename scalar_t>
-float tensor_std(const scalar_t* x, int64_t numel) {
-  const int64_t chunks = (numel + kStatChunk - 1) / kStatChunk;
-  std::vector<Moments> part(static_cast<size_t>(chunks));
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t b = c * kStatChunk, e = std::min(numel, b + kStatChunk);
-      double sum = 0.0;
-      for (int64_t i = b; i < e; ++i) sum += static_cast<double>(static_cast<float>(x[i]));
-      const double mean = sum / static_cast<double>(e - b);
-      double m2 = 0.0;
-      for (int64_t i = b; i < e; ++i) {
-        const double dv = static_cast<double>(static_cast<float>(x[i])) - mean;
-        m2 += dv * dv;
-      }
-      part[c] = Moments{static_cast<double>(e - b), mean, m2};
+Moments chunk_moments(const scalar_t* x, int64_t count) {
+  constexpr int kAcc = 8;
+  const int64_t body = count / kAcc * kAcc;
+  double acc[kAcc] = {};
+  for (int64_t i = 0; i < body; i += kAcc) {
+    for (int k = 0; k < kAcc; ++k) acc[k] += static_cast<double>(x[i + k]);
+  }
+  double sum = 0.0;
+  for (int k = 0; k < kAcc; ++k) sum += acc[k];
+  for (int64_t i = body; i < count; ++i) sum += static_cast<double>(x[i]);
+  const double mean = sum / static_cast<double>(count);
+  double sq[kAcc] = {};
+  for (int64_t i = 0; i < body; i += kAcc) {
+    for (int k = 0; k < kAcc; ++k) {
+      const double dv = static_cast<double>(x[i + k]) - mean;
+      sq[k] += dv * dv;
     }
-  });
-  Moments all;
-  for (const Moments& p : part) all = merge(all, p);
-  return static_cast<float>(std::sqrt(all.m2 / (all.n - 1.0)));
+  }
+  double m2 = 0.0;
+  for (int k = 0; k < kAcc; ++k) m2 += sq[k];
+  for (int64_t i = body; i < count; ++i) {
+    const double dv = static_cast<double>(x[i]) - mean;
+    m2 += dv * dv;
+  }
+  return Moments{static_cast<double>(count), mean, m2};
 }
 
+// x[i] += (u_i - 0.5) * s for the chunk's elements, u_i from counter first_counter + i / 4.
 template <typename scalar_t>
-void perturb(scalar_t* x, int64_t numel, float s, uint64_t seed, uint64_t start) {
-  const int64_t groups = (numel + 3) / 4;
-  at::parallel_for(0, groups, 4096, [&](int64_t gb, int64_t ge) {
-    for (int64_t q = gb; q < ge; ++q) {
-      const Words4 r = philox4x32_10(start + static_cast<uint64_t>(q), seed);
-      const int64_t i0 = 4 * q;
-      const int64_t m = std::min<int64_t>(4, numel - i0);
-      for (int64_t k = 0; k < m; ++k) {
-        x[i0 + k] = static_cast<scalar_t>(static_cast<float>(x[i0 + k]) +
-                                          noisytune_delta(r.w[k], s));
-      }
+void perturb_chunk(scalar_t* x, int64_t count, uint64_t first_counter, uint64_t seed,
+                   double s, float* u) {
+  cpu_kernels().fill_noise(kFillUniform01, first_counter, count, seed, 0.0f, u);
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    for (int64_t i = 0; i < count; ++i) x[i] = x[i] + (static_cast<double>(u[i]) - 0.5) * s;
+  } else {
+    const float s32 = static_cast<float>(s);
+    for (int64_t i = 0; i < count; ++i) {
+      // noisytune_delta of noise.h on the drawn u: (u - 0.5f) * s, each op rounded once
+      x[i] = static_cast<scalar_t>(static_cast<float>(x[i]) + (u[i] - 0.5f) * s32);
     }
-  });
+  }
 }
 
-void noisytune_cpu(at::TensorList tensors, double lam, int64_t seed, at::IntArrayRef starts) {
+struct Chunk {
+  int64_t tensor, begin, count;
+};
+
+}  // namespace
+
+// The op, with the optional per-tensor std of contract C5 (schema `float[]? stds=None`):
+// when given, stds[k] replaces tensor k's std64 (a sharded tensor's std over all ranks).
+void noisytune_cpu_impl(at::TensorList tensors, double lam, int64_t seed,
+                        at::IntArrayRef starts, std::optional<at::ArrayRef<double>> given_stds) {
   TORCH_CHECK(tensors.size() == starts.size(), "fastnoise: noisytune_ got ", tensors.size(),
               " tensors but ", starts.size(), " start counters");
+  TORCH_CHECK(!given_stds.has_value() || given_stds->size() == tensors.size(),
+              "fastnoise: noisytune_ got ", tensors.size(), " tensors but ",
+              given_stds.has_value() ? given_stds->size() : 0, " stds");
+  const double* stds = given_stds.has_value() ? given_stds->data() : nullptr;
   for (const at::Tensor& t : tensors) {
     TORCH_CHECK(t.device().is_cpu(), "fastnoise: CPU noisytune_ got a tensor on ", t.device());
     TORCH_CHECK(t.is_contiguous(), "fastnoise: noisytune_ needs contiguous tensors");
     TORCH_CHECK(supported_float(t.scalar_type()),
                 "fastnoise: noisytune_ needs floating tensors, got ", t.scalar_type());
   }
-  const float lam32 = static_cast<float>(lam);
+  std::vector<Chunk> chunks;
   for (size_t k = 0; k < tensors.size(); ++k) {
-    const at::Tensor& t = tensors[k];
-    const int64_t numel = t.numel();
+    const int64_t numel = tensors[k].numel();
     if (numel < 2) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
-                                    "fastnoise_noisytune_cpu", [&] {
-      scalar_t* x = t.data_ptr<scalar_t>();
-      const float sd = tensor_std(x, numel);
-      if (!std::isfinite(sd) || sd == 0.0f) return;
-      perturb(x, numel, lam32 * sd, as_u64(seed), as_u64(starts[k]));
+    for (int64_t b = 0; b < numel; b += kChunk) {
+      chunks.push_back(Chunk{static_cast<int64_t>(k), b, std::min(kChunk, numel - b)});
+    }
+  }
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+
+  // 1. every chunk's moments (only where the std is not given)
+  std::vector<Moments> part(chunks.size());
+  if (stds == nullptr) {
+    at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const Chunk& ch = chunks[c];
+        const at::Tensor& t = tensors[ch.tensor];
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
+                                        "fastnoise_noisytune_cpu_std", [&] {
+          part[c] = chunk_moments(t.const_data_ptr<scalar_t>() + ch.begin, ch.count);
+        });
+      }
     });
   }
+
+  // 2. each tensor's scale s (0: leave it unchanged), merging its chunks in order
+  std::vector<double> scale(tensors.size(), 0.0);
+  std::vector<Moments> all(tensors.size());
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    all[chunks[c].tensor] = merge(all[chunks[c].tensor], part[c]);
+  }
+  const float lam32 = static_cast<float>(lam);
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    if (tensors[k].numel() < 2) continue;
+    const double std64 = stds != nullptr ? stds[k] : std::sqrt(all[k].m2 / (all[k].n - 1.0));
+    const double s = tensors[k].scalar_type() == at::kDouble
+                         ? lam * std64
+                         : static_cast<double>(lam32 * static_cast<float>(std64));
+    scale[k] = std::isfinite(s) ? s : 0.0;
+  }
+
+  // 3. perturb every chunk of the tensors with s != 0
+  at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<float> u(static_cast<size_t>(fill_buffer_len(kChunk)));
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[c];
+      const double s = scale[ch.tensor];
+      if (s == 0.0) continue;
+      const at::Tensor& t = tensors[ch.tensor];
+      const uint64_t first = as_u64(starts[ch.tensor]) + static_cast<uint64_t>(ch.begin / 4);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
+                                      "fastnoise_noisytune_cpu", [&] {
+        perturb_chunk(t.data_ptr<scalar_t>() + ch.begin, ch.count, first, as_u64(seed), s,
+                      u.data());
+      });
+    }
+  });
+}
+
+namespace {
+
+void noisytune_cpu(at::TensorList tensors, double lam, int64_t seed, at::IntArrayRef starts) {
+  noisytune_cpu_impl(tensors, lam, seed, starts, std::nullopt);
 }
 
 }  // namespace
