@@ -177,7 +177,8 @@ def override_hf_neftune(method: str = "neftune", **patch_options) -> None:
     def deactivate_neftune(model, hook_handle, accelerator=None):
         unpatch(hook_handle.model)
 
-    hf_trainer.activate_neftune, hf_trainer.deactivate_neftune = activate_neftune, deactivate_neftune
+    hf_trainer.activate_neftune = activate_neftune
+    hf_trainer.deactivate_neftune = deactivate_neftune
     _OVERRIDE = {"stock": stock, "method": method, "options": options}
 
 

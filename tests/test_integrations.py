@@ -413,3 +413,28 @@ def test_patching_a_noisy_embedding_is_refused():
     model.get_input_embeddings = lambda: model.emb
     with pytest.raises(ValueError, match="already adds noise"):
         fastnoise.patch(model)
+
+
+def test_symmetric_pair_doubles_varlen_boundaries_and_keeps_packed_lengths():
+    torch.manual_seed(0)
+    model = _no_dropout(_llama())
+    fastnoise.patch(model, "symnoise", alpha=5.0)
+    model.train()
+    seen = {}
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    noise, handle = _embedding_noise(model)
+    ids = torch.randint(1, VOCAB, (1, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    out = model(ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6,
+                max_length_k=6, labels=ids)
+    handle.remove()
+    assert out.logits.shape[0] == 2 and torch.isfinite(out.loss)
+    assert seen["cu_seq_lens_q"].tolist() == [0, 4, 10, 14, 20] and seen["max_length_q"] == 6
+    assert seen["position_ids"].shape == (2, 10)
+    lengths = torch.tensor([4.0] * 4 + [6.0] * 6)  # each packed sequence's own L, both halves
+    d = noise[0].shape[-1]
+    expect = (5.0 / (lengths * d).sqrt())[:, None].expand(10, d)
+    for half in noise[0]:
+        torch.testing.assert_close(half.abs(), expect, rtol=1e-5, atol=1e-6)

@@ -142,3 +142,24 @@ def test_noisytune_bad_tensors():
         fastnoise.noisytune_([torch.arange(5)], seed=1)
     with pytest.raises(TypeError):
         fastnoise.noisytune_(42)
+
+
+def test_from_embedding_reads_no_weight_shape():
+    """A ZeRO-3 placeholder (shape (0,)) at wrap time: sizes come from the module."""
+    base = nn.Embedding(30, 8, padding_idx=1)
+    placeholder = nn.Parameter(torch.empty(0))
+    base.weight = placeholder
+    emb = fastnoise.NoisyEmbedding.from_embedding(base, method="neftune")
+    assert emb.weight is placeholder
+    assert (emb.num_embeddings, emb.embedding_dim, emb.padding_idx) == (30, 8, 1)
+
+
+def test_no_noise_without_autograd():
+    """Training mode under no_grad (a DPO reference pass) is the plain embedding."""
+    emb = fastnoise.NoisyEmbedding(40, 12).train()
+    ids = torch.randint(0, 40, (3, 9))
+    with torch.no_grad():
+        assert torch.equal(emb(ids), F.embedding(ids, emb.weight))
+    with torch.inference_mode():
+        assert torch.equal(emb(ids), F.embedding(ids, emb.weight))
+    assert not torch.equal(emb(ids), F.embedding(ids, emb.weight))

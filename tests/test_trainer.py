@@ -325,7 +325,9 @@ def test_override_hf_neftune_and_restore(tmp_path):
 def _dpo_dataset():
     datasets = pytest.importorskip("datasets")
     gen = torch.Generator().manual_seed(3)
-    words = lambda n: " ".join(f"t{int(i)}" for i in torch.randint(2, 64, (n,), generator=gen))  # noqa: E731
+
+    def words(n):
+        return " ".join(f"t{int(i)}" for i in torch.randint(2, 64, (n,), generator=gen))
     return datasets.Dataset.from_dict({"prompt": [words(5) for _ in range(4)],
                                        "chosen": [words(4) for _ in range(4)],
                                        "rejected": [words(3) for _ in range(4)]})
