@@ -135,8 +135,11 @@ class NoisyEmbedding(nn.Embedding):
         if attention_mask is None:
             attention_mask = _if_shaped_like(context.get("attention_mask"), input)
         if position_ids is None and cu_seqlens is None:
-            position_ids = _if_shaped_like(context.get("position_ids"), input)
-            cu_seqlens = context.get("cu_seqlens")  # checked by the functional layer
+            # a varlen model call carries both; the boundaries are the exact ones (their
+            # values are checked on the device by the functional layer)
+            cu_seqlens = context.get("cu_seqlens")
+            if cu_seqlens is None:
+                position_ids = _if_shaped_like(context.get("position_ids"), input)
         return noisy_embedding(input, self.weight, noise=self.noise, alpha=self.alpha,
                                symmetric=self.symmetric, attention_mask=attention_mask,
                                padding_idx=self.padding_idx, backend=self.backend,
