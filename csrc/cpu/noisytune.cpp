@@ -71,7 +71,11 @@ void perturb(scalar_t* x, int64_t numel, float s, uint64_t seed, uint64_t start)
   });
 }
 
-void noisytune_cpu(at::TensorList tensors, double lam, int64_t seed, at::IntArrayRef starts) {
+void noisytune_cpu(at::TensorList tensors, double lam, int64_t seed, at::IntArrayRef starts,
+                   std::optional<at::ArrayRef<double>> stds) {
+  // placeholder until the CPU kernel implements contract C5
+  TORCH_CHECK(!stds.has_value(), "fastnoise: noisytune_ with given stds is not implemented "
+              "on the CPU yet");
   TORCH_CHECK(tensors.size() == starts.size(), "fastnoise: noisytune_ got ", tensors.size(),
               " tensors but ", starts.size(), " start counters");
   for (const at::Tensor& t : tensors) {
