@@ -8,8 +8,21 @@
 #include <string>
 #include <vector>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+// FASTNOISE_EMU_ONLY=embedding / noisytune: one op's kernels (a quicker build, for the tests'
+// mutated copies of one header)
+#define FASTNOISE_EMU_embedding 1
+#define FASTNOISE_EMU_noisytune 2
+#if !defined(FASTNOISE_EMU_ONLY) || FASTNOISE_EMU_ONLY == FASTNOISE_EMU_embedding
+#define FASTNOISE_EMU_WITH_EMBEDDING 1
 #include "../../csrc/cuda/embedding_kernels.cuh"
+#endif
+#if !defined(FASTNOISE_EMU_ONLY) || FASTNOISE_EMU_ONLY == FASTNOISE_EMU_noisytune
+#define FASTNOISE_EMU_WITH_NOISYTUNE 1
 #include "../../csrc/cuda/noisytune_kernels.cuh"
+#endif
 
 using namespace fastnoise;
 using namespace fastnoise::cuda;
@@ -37,21 +50,39 @@ struct Tag {
   using type = T;
 };
 
-// dtype code (DtypeCode of noisytune_kernels.cuh) -> f(Tag<T>{})
+// dtype codes of the tests (and of NoisyTune's table: DtypeCode)
+enum Dtype : int64_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+#if FASTNOISE_EMU_WITH_NOISYTUNE
+static_assert(int64_t{kFloat32} == int64_t{kF32} && int64_t{kFloat16} == int64_t{kF16} &&
+              int64_t{kBFloat16} == int64_t{kBF16} && int64_t{kFloat64} == int64_t{kF64});
+#endif
+
+// dtype code -> f(Tag<T>{}). FASTNOISE_EMU_MINIMAL: float32 weights and int64 ids only (a
+// quicker build, for the tests' mutated copies of the kernels).
 template <typename F>
 void dispatch_float(int64_t code, F&& f) {
+#if defined(FASTNOISE_EMU_MINIMAL)
+  if (code != kFloat32) throw std::runtime_error("harness: minimal build: float32 only");
+  f(Tag<float>{});
+#else
   switch (code) {
-    case kF32: f(Tag<float>{}); break;
-    case kF16: f(Tag<c10::Half>{}); break;
-    case kBF16: f(Tag<c10::BFloat16>{}); break;
-    case kF64: f(Tag<double>{}); break;
+    case kFloat32: f(Tag<float>{}); break;
+    case kFloat16: f(Tag<c10::Half>{}); break;
+    case kBFloat16: f(Tag<c10::BFloat16>{}); break;
+    case kFloat64: f(Tag<double>{}); break;
     default: throw std::runtime_error("harness: bad dtype code");
   }
+#endif
 }
 
 template <typename F>
 void dispatch_index(int ids_int32, F&& f) {
+#if defined(FASTNOISE_EMU_MINIMAL)
+  if (ids_int32) throw std::runtime_error("harness: minimal build: int64 ids only");
+  f(Tag<int64_t>{});
+#else
   if (ids_int32) f(Tag<int32_t>{}); else f(Tag<int64_t>{});
+#endif
 }
 
 }  // namespace
@@ -68,6 +99,7 @@ void emu_configure(int order, uint64_t seed, int sms) {
   fastnoise_emu::config().sms = sms;
 }
 
+#if FASTNOISE_EMU_WITH_EMBEDDING
 int emu_embedding_forward(int ids_int32, const void* ids, int64_t n, int64_t dtype,
                           const void* weight, int64_t w_stride, int64_t V, void* out,
                           int64_t d, int64_t kind, float mag, const float* tok_mag,
@@ -87,6 +119,13 @@ int emu_embedding_forward(int ids_int32, const void* ids, int64_t n, int64_t dty
       });
     });
   });
+}
+
+// Whether the forward's launch logic takes the 16-byte path for these rows.
+int emu_plan_forward_vec(int64_t kind, int64_t V, int64_t d, int64_t w_stride,
+                         int64_t elem_bytes, const void* weight, const void* out) {
+  (void)V;
+  return plan_forward(kind, 1, d, w_stride, elem_bytes, weight, out, 1).vec ? 1 : 0;
 }
 
 int emu_backward_sorted(int64_t dtype, const void* g, const int64_t* sorted,
@@ -121,6 +160,9 @@ int emu_backward_atomic(int64_t dtype, int ids_int32, const void* g, const void*
   });
 }
 
+#endif  // FASTNOISE_EMU_WITH_EMBEDDING
+
+#if FASTNOISE_EMU_WITH_NOISYTUNE
 // stds: nullptr or one per tensor. stat_budget: the stats kernel's block budget (the op's is
 // kStatBlockBudget; tests pass less to get many stats blocks on small tensors). plan_out
 // (optional, 2 values): the stats and perturbation block counts of the plan.
@@ -144,5 +186,7 @@ int emu_noisytune(int64_t count, void* const* ptrs, const int64_t* numels,
     launch_noisytune(plan, table.data(), partials.data(), lam, seed, nullptr);
   });
 }
+
+#endif  // FASTNOISE_EMU_WITH_NOISYTUNE
 
 }  // extern "C"
