@@ -414,7 +414,7 @@ def test_backward_float64_accumulates_in_float64(emu, deterministic):
     ids = torch.tensor([2, 2, 2])
     g = torch.tensor([[1.0], [1e-9], [1e-9]], dtype=torch.float64)
     got = emu.embedding_backward(g, ids, 4, deterministic=deterministic)
-    assert got[2, 0].item() == 1.0 + 1e-9 + 1e-9 and got[2, 0].item() != 1.0
+    assert abs(got[2, 0].item() - 1.000000002) < 1e-15  # float64 sums, in any order
 
 
 def test_backward_int32_ids_and_out_of_range_ids_skipped(emu):
@@ -599,9 +599,11 @@ def test_under_sanitizers():
     env = {**os.environ, "FASTNOISE_EMU_SANITIZE": "1", "LD_PRELOAD": asan,
            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
-    subset = ("(forward_bit_exact and (130 or 4200)) or bad_ids or seed_from or unaligned or "
-              "backward_long_runs or float64_accumulates or many_stats_blocks or edge_tensors "
-              "or given_stds")
+    # every kernel and path at least once; the widths of the vector and scalar tails
+    subset = ("(forward_bit_exact and (4200 or 130)) or (bad_ids and True-True) or unaligned "
+              "or (seed_from and float32) or (backward_long_runs and True-) or "
+              "(backward_long_runs and False-True) or float64_accumulates or "
+              "(many_stats_blocks and float32) or edge_tensors or given_stds")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            str(Path(__file__)), "-k", subset],
                           capture_output=True, text=True, env=env, cwd=ROOT)

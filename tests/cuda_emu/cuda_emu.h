@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -125,13 +126,13 @@ struct Fiber {
 
 class Block {
  public:
-  static constexpr size_t kStackBytes = FASTNOISE_EMU_ASAN ? (512u << 10) : (128u << 10);
+  static constexpr size_t kStackBytes = 64u << 10;  // ASan clears a stack's shadow per switch
 
   Block(dim3 block, std::function<void()> body) : body_(std::move(body)), dim_(block) {
     const size_t n = static_cast<size_t>(block.x) * block.y * block.z;
     if (n == 0 || n > 1024) throw std::runtime_error("cuda_emu: bad block size");
     fibers_.resize(n);
-    stacks_.resize(n * kStackBytes);
+    stacks_ = stack_arena(n * kStackBytes);
     slots_.assign(((n + 31) / 32) * 32 * 2, 0);
   }
 
@@ -145,7 +146,7 @@ class Block {
       f.tid = uint3{static_cast<unsigned>(i % dim_.x), static_cast<unsigned>((i / dim_.x) % dim_.y),
                     static_cast<unsigned>(i / (static_cast<size_t>(dim_.x) * dim_.y))};
       if (getcontext(&f.ctx) != 0) throw std::runtime_error("cuda_emu: getcontext failed");
-      f.ctx.uc_stack.ss_sp = stacks_.data() + i * kStackBytes;
+      f.ctx.uc_stack.ss_sp = stacks_ + i * kStackBytes;
       f.ctx.uc_stack.ss_size = kStackBytes;
       f.ctx.uc_link = &sched_;
       makecontext(&f.ctx, &Block::entry, 0);
@@ -206,6 +207,18 @@ class Block {
   size_t current() const { return current_; }
   size_t size() const { return fibers_.size(); }
 
+  // The fibers' stacks: one buffer kept for the process (not zeroed: a launch per test case
+  // would otherwise clear 16 MiB).
+  static char* stack_arena(size_t bytes) {
+    static std::unique_ptr<char[]> arena;
+    static size_t size = 0;
+    if (bytes > size) {
+      arena.reset(new char[bytes]);
+      size = bytes;
+    }
+    return arena.get();
+  }
+
   static Block*& active() {
     static Block* b = nullptr;
     return b;
@@ -228,7 +241,7 @@ class Block {
     threadIdx = fibers_[i].tid;
 #if FASTNOISE_EMU_ASAN
     void* fake = nullptr;
-    __sanitizer_start_switch_fiber(&fake, stacks_.data() + i * kStackBytes, kStackBytes);
+    __sanitizer_start_switch_fiber(&fake, stacks_ + i * kStackBytes, kStackBytes);
 #endif
     if (swapcontext(&sched_, &fibers_[i].ctx) != 0) {
       throw std::runtime_error("cuda_emu: swapcontext failed");
@@ -288,7 +301,7 @@ class Block {
   std::function<void()> body_;
   dim3 dim_;
   std::vector<Fiber> fibers_;
-  std::vector<char> stacks_;
+  char* stacks_;  // n stacks of kStackBytes
   std::vector<uint64_t> slots_;
   ucontext_t sched_;
   size_t current_ = 0;
