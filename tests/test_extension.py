@@ -325,6 +325,45 @@ def test_forward_rejects_bad_arguments():
                                           tok_mag=None, seed=0, offset=0, symmetric=False)
 
 
+def _raises(match, fn, *args):
+    with pytest.raises(RuntimeError, match=match):
+        fn(*args)
+
+
+def test_ops_reject_bad_arguments():
+    """The public ops (torch.compile calls them; so can users) check shapes, strides, dtypes
+    and list lengths (csrc/common.h, shared by the CPU and CUDA ops) before any kernel runs."""
+    ops = torch.ops.fastnoise
+    V, d, n = 10, 16, 4
+    w = torch.randn(V, d)
+    ids = torch.randint(0, V, (n,))
+    out = torch.empty(n, d)
+    fwd = ops.embedding_forward
+    _raises("one entry per token", fwd, ids, w, out, 0, 0.1, torch.rand(n - 1), 0, 0, False)
+    _raises("1-D", fwd, ids.view(2, 2), w, out, 0, 0.1, None, 0, 0, False)
+    _raises("contiguous", fwd, torch.randint(0, V, (2 * n,))[::2], w, out, 0, 0.1, None, 0, 0,
+            False)
+    _raises("rows must be contiguous", fwd, ids, torch.randn(d, V).t(), out, 0, 0.1, None, 0,
+            0, False)
+    _raises("shape", fwd, ids, w, out, 0, 0.1, None, 0, 0, True)  # symmetric needs 2N rows
+    _raises("int32 or int64", fwd, ids.float(), w, out, 0, 0.1, None, 0, 0, False)
+    bwd = ops.embedding_backward
+    g = torch.randn(n, d)
+    _raises(f"{n - 1} rows, expected {n}", bwd, g[:-1], ids, V, None, False, True)
+    _raises(f"{n} rows, expected {2 * n}", bwd, g, ids, V, None, True, False)
+    _raises("1-D", bwd, g, ids.view(2, 2), V, None, False, True)
+    _raises("contiguous", bwd, g, torch.randint(0, V, (2 * n,))[::2], V, None, False, True)
+    _raises("int32 or int64", bwd, g, ids.float(), V, None, False, True)
+    _raises("2-D", bwd, g.reshape(-1), ids, V, None, False, True)
+    _raises("num_weights", bwd, g, ids, -1, None, False, True)
+    ts = [torch.randn(5), torch.randn(3)]
+    _raises("2 tensors but 1 start", ops.noisytune_, ts, 0.1, 0, [0])
+    _raises("2 tensors but 3 start", ops.noisytune_, ts, 0.1, 0, [0, 2, 3])
+    _raises("contiguous", ops.noisytune_, [torch.randn(4, 4).t()], 0.1, 0, [0])
+    _raises("floating", ops.noisytune_, [torch.arange(5)], 0.1, 0, [0])
+    assert torch.equal(ts[0], ts[0].clone())
+
+
 # ---------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------
@@ -510,6 +549,10 @@ def test_opcheck(device):
     opcheck(torch.ops.fastnoise.embedding_forward.default,
             (ids, w, out[:n], 0, 0.1, None, 5, 3, False),
             {"seed_tensor": torch.tensor([3], device=device)})
+    # error (last, default None; C1: written only by kernels that cannot raise)
+    opcheck(torch.ops.fastnoise.embedding_forward.default,
+            (ids, w, out[:n], 1, 0.1, None, 5, 3, False, 1.0, None,
+             torch.zeros(4, dtype=torch.int64, device=device)))
     ts = [torch.randn(10, 3, device=device), torch.randn(7, device=device)]
     opcheck(torch.ops.fastnoise.noisytune_.default, (ts, 0.1, 9, [0, 8]))
 
@@ -645,3 +688,48 @@ def test_cuda_seed_tensor_on_wrong_device_raises():
     ids = torch.tensor([1, 2], device="cuda")
     with pytest.raises(RuntimeError, match="seed_tensor is on"):
         _forward("cuda", ids, weight, noise="uniform", mag=0.1, seed_tensor=torch.tensor([1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("noise", NOISES)
+def test_cuda_error_buffer_records_a_bad_id(noise):
+    """C1: NaN rows, then error = [1, one bad id, V, 0]; in-range ids leave it untouched."""
+    V = 10
+    weight = torch.randn(V, 64, device="cuda")
+    ids = torch.tensor([1, 10, -3, 2], device="cuda")
+    error = torch.zeros(4, dtype=torch.int64, device="cuda")
+    out = _forward("cuda", ids, weight, noise=noise, mag=0.1, symmetric=True, error=error)
+    assert out[[1, 2, 5, 6]].isnan().all() and not out[[0, 3, 4, 7]].isnan().any()
+    e = error.tolist()
+    assert e[0] == 1 and e[1] in (10, -3) and e[2] == V and e[3] == 0
+    error.zero_()
+    _forward("cuda", ids.clamp(0, V - 1), weight, noise=noise, mag=0.1, error=error)
+    assert not error.any()
+    for bad in (torch.zeros(4, dtype=torch.int32, device="cuda"),
+                torch.zeros(3, dtype=torch.int64, device="cuda"),
+                torch.zeros(8, dtype=torch.int64, device="cuda")[::2],
+                torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(RuntimeError, match="error"):
+            _forward("cuda", ids, weight, noise=noise, mag=0.1, error=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_cuda_noisytune_given_stds_and_float64(dtype):
+    """C5: given stds replace the statistics; C2: float64 tensors perturbed in float64."""
+    tensors = [torch.randn(1000, device="cuda").to(dtype), torch.randn(37, device="cuda").to(dtype)]
+    stds, lam, seed = [0.5, 0.0], 0.2, 99
+    starts = R.noisytune_offsets([t.numel() for t in tensors], 0)
+    before = [t.clone() for t in tensors]
+    ext.CUDA_BACKEND.noisytune_(tensors, lam, seed=seed, starts=starts, stds=stds)
+    assert torch.equal(tensors[1], before[1])  # s = 0: unchanged
+    x = before[0].cpu()
+    u = R.uniform01(R.noise_words(seed, starts[0], 250)).reshape(-1)
+    if dtype == torch.float64:
+        exp = x + (u.double() - 0.5) * (lam * 0.5)
+    else:
+        s = torch.tensor(lam, dtype=torch.float32) * torch.tensor(0.5, dtype=torch.float32)
+        exp = (x.float() + (u - 0.5) * s).to(dtype)
+    assert torch.equal(tensors[0].cpu(), exp)

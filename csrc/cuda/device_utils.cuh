@@ -62,8 +62,9 @@ inline int64_t next_pow2(int64_t v) {
 }
 
 // C1: a token id outside [0, V). Any one bad id wins error[1]; error[0] = 1 is written last,
-// so a reader that sees the flag also sees the id and V.
-__device__ __forceinline__ void record_bad_id(int64_t* error, int64_t id, int64_t V) {
+// so a reader that sees the flag also sees the id and V. Not inlined: the rare path takes no
+// registers from the forward kernels' loops.
+__device__ __noinline__ void record_bad_id(int64_t* error, int64_t id, int64_t V) {
   auto* e = reinterpret_cast<unsigned long long*>(error);
   atomicExch(e + 1, static_cast<unsigned long long>(id));
   atomicExch(e + 2, static_cast<unsigned long long>(V));

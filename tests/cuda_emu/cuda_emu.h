@@ -44,6 +44,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 // one block runs at a time on one OS thread: a function-local static is the block's memory
 #define __shared__ static
