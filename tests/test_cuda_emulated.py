@@ -506,8 +506,12 @@ def test_noisytune_edge_tensors_and_mixed_dtypes(emu):
 def test_noisytune_huge_std_in_float64_statistics(emu):
     """C2: statistics in float64: a std of 1e30 in float32 (squares overflow float32) still
     perturbs, a float32 s that overflows (lam * std > 3.4e38) leaves the tensor unchanged."""
-    x = torch.randn(500) * 1e30
-    _check_noisytune(emu, [x.clone(), (torch.randn(40) * 3e38).clamp(-3e38, 3e38)], 0.5)
+    big = torch.randn(500) * 1e30
+    huge = (torch.randn(40) * 3e38).clamp(-3e38, 3e38)  # std ~2e38: 2 * std overflows
+    got = [big.clone(), huge.clone()]
+    _check_noisytune(emu, got, 2.0)
+    emu.noisytune_(got, 2.0, seed=1, starts=[0, 125])
+    assert not torch.equal(got[0], big) and torch.equal(got[1], huge)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
