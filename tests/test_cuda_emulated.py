@@ -464,8 +464,11 @@ def _check_noisytune(emu, tensors, lam, *, stds=None, stat_budget=0, exact_f64=F
                                     stat_budget=stat_budget))
         for g, e, t in zip(got, expected, tensors):
             if t.dtype == torch.float64 and stds is None and not exact_f64:
-                # std64 from a different summation order: s may differ in its last bit
-                torch.testing.assert_close(g, e, rtol=1e-14, atol=0, equal_nan=True)
+                # std64 from another summation order: s (so the delta) may differ in its last
+                # bits, and the sum by its rounding
+                eps = torch.finfo(torch.float64).eps
+                tol = 8 * eps * (e - t).abs() + 2 * eps * t.abs()
+                assert torch.all((g - e).abs() <= tol), (order, ((g - e).abs() - tol).max())
             else:
                 assert torch.equal(g.nan_to_num(7.0), e.nan_to_num(7.0)), (order, t.dtype)
     return plans[0]
