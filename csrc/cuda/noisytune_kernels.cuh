@@ -49,6 +49,10 @@ enum TensorCol : int { kPtr = 0, kNumel, kStart, kDtype, kPertBegin, kPertBlocks
 enum StatCol : int { kStatTensor = 0, kStatBegin, kStatBlocks, kStatTicket, kStatCols };
 enum DtypeCode : int64_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
 
+inline int64_t element_bytes(int64_t dtype) {
+  return dtype == kF64 ? 8 : (dtype == kF32 ? 4 : 2);
+}
+
 // The row whose block range [begin, begin + nblocks) holds `b` (every row has >= 1 block).
 __device__ __forceinline__ int find_row(const int64_t* rows, int nrows, int cols, int col,
                                         int64_t b) {
@@ -80,7 +84,7 @@ __device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
 
 // Elements a thread takes at once: one 16-byte vector of fp32 / fp16 / bf16 (4 or 8
 // elements: 1 or 2 Philox counters), two of fp64; always a whole number of counters.
-constexpr int group_for_size(int64_t element_bytes) { return element_bytes == 2 ? 8 : 4; }
+constexpr int group_for_size(int64_t bytes) { return bytes == 2 ? 8 : 4; }
 
 template <typename T>
 constexpr int kGroup = group_for_size(sizeof(T));
@@ -277,7 +281,7 @@ inline NoisyTunePlan plan_noisytune(const std::vector<NoisyTuneTensor>& tensors,
   int64_t total_groups = 0;  // of the tensors whose statistics the kernel computes
   for (const NoisyTuneTensor& t : tensors) {
     if (t.numel >= 2 && stds == nullptr) {
-      const int64_t gs = group_for_size(t.dtype == kF16 || t.dtype == kBF16 ? 2 : 4);
+      const int64_t gs = group_for_size(element_bytes(t.dtype));
       total_groups += (t.numel + gs - 1) / gs;
     }
   }
@@ -292,7 +296,7 @@ inline NoisyTunePlan plan_noisytune(const std::vector<NoisyTuneTensor>& tensors,
       s = noisytune_scale(lam, stds[i], t.dtype == kF64);
       if (std::isnan(s)) continue;  // unchanged
     }
-    const int64_t gs = group_for_size(t.dtype == kF16 || t.dtype == kBF16 ? 2 : 4);
+    const int64_t gs = group_for_size(element_bytes(t.dtype));
     const int64_t groups = (t.numel + gs - 1) / gs;
     const int64_t full = (groups + kNtThreads - 1) / kNtThreads;  // one group a thread
     if (stds == nullptr) {
