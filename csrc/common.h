@@ -69,11 +69,26 @@ inline void check_seed_tensor(const std::optional<at::Tensor>& seed_tensor,
               ", the weight on ", weight.device());
 }
 
+// error of embedding_forward (contract C1): an int64 tensor of 4 elements, contiguous, on the
+// weight's device. Kernels that cannot raise record a bad id there.
+inline void check_error_buffer(const std::optional<at::Tensor>& error, const at::Tensor& weight) {
+  if (!error.has_value()) return;
+  const at::Tensor& t = *error;
+  TORCH_CHECK(t.scalar_type() == at::kLong, "fastnoise: error must be int64, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.numel() == 4, "fastnoise: error must have 4 elements (shape (4,)), got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "fastnoise: error must be contiguous");
+  TORCH_CHECK(t.device() == weight.device(), "fastnoise: error is on ", t.device(),
+              ", the weight on ", weight.device());
+}
+
 inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& ids,
                                 int64_t num_weights, bool symmetric) {
-  TORCH_CHECK(ids.dim() == 1, "fastnoise: ids must be 1-D (flattened)");
+  TORCH_CHECK(ids.dim() == 1, "fastnoise: ids must be 1-D (flattened), got ", ids.dim(), "-D");
   TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
               "fastnoise: ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.is_contiguous(), "fastnoise: ids must be contiguous");
   TORCH_CHECK(grad_out.dim() == 2, "fastnoise: grad_out must be 2-D (rows, d)");
   TORCH_CHECK(supported_float(grad_out.scalar_type()),
               "fastnoise: grad_out dtype must be floating, got ", grad_out.scalar_type());
@@ -83,6 +98,25 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& id
   TORCH_CHECK(num_weights >= 0, "fastnoise: num_weights must be >= 0");
   TORCH_CHECK(ids.device() == grad_out.device(),
               "fastnoise: ids and grad_out must be on the same device");
+}
+
+// noisytune_'s list arguments: one start counter (and one given std, C5) per tensor; tensors
+// contiguous, floating, on one device.
+inline void check_noisytune_args(at::TensorList tensors, at::IntArrayRef starts,
+                                 const std::optional<at::ArrayRef<double>>& stds) {
+  TORCH_CHECK(tensors.size() == starts.size(), "fastnoise: noisytune_ got ", tensors.size(),
+              " tensors but ", starts.size(), " start counters");
+  TORCH_CHECK(!stds.has_value() || stds->size() == tensors.size(), "fastnoise: noisytune_ got ",
+              tensors.size(), " tensors but ", stds.has_value() ? stds->size() : 0, " stds");
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device() == tensors[0].device(),
+                "fastnoise: noisytune_ tensors must share one device (", tensors[0].device(),
+                " vs ", t.device(), ")");
+    TORCH_CHECK(t.is_contiguous(), "fastnoise: noisytune_ needs contiguous tensors");
+    TORCH_CHECK(supported_float(t.scalar_type()),
+                "fastnoise: noisytune_ needs float32, float16, bfloat16 or float64 tensors, got ",
+                t.scalar_type());
+  }
 }
 
 // padding_idx normalised to [0, V), or -1 for none.

@@ -31,15 +31,20 @@ TORCH_LIBRARY(fastnoise, m) {
   // noise; backward: embed_scale * the summed grad rows); 1.0 = unscaled.
   // seed_tensor: None, or an int64 (1,) tensor on the weight's device whose value (uint64
   // bits) overrides seed, with offset 0; the CUDA kernel reads it in-kernel (CUDA-graph
-  // safe: no host sync). Ids out of range: CPU raises, CUDA writes NaN rows.
+  // safe: no host sync). Ids out of range: CPU raises, CUDA writes NaN rows and, with an
+  // `error` buffer (int64 (4,) on the weight's device, contract C1), records error[1] = the
+  // bad id, error[2] = V, then error[0] = 1.
   m.def(
       "embedding_forward(Tensor ids, Tensor weight, Tensor(a!) out, int noise, float mag, "
       "Tensor? tok_mag, int seed, int offset, bool symmetric, float embed_scale=1.0, "
-      "Tensor? seed_tensor=None) -> ()");
+      "Tensor? seed_tensor=None, Tensor(b!)? error=None) -> ()");
   m.def(
       "embedding_backward(Tensor grad_out, Tensor ids, int num_weights, int? padding_idx, "
       "bool symmetric, bool deterministic, float embed_scale=1.0) -> Tensor");
-  m.def("noisytune_(Tensor(a!)[] tensors, float lam, int seed, int[] starts) -> ()");
+  // stds: None (statistics per contract C2), or one std per tensor used as std64 (C5).
+  m.def(
+      "noisytune_(Tensor(a!)[] tensors, float lam, int seed, int[] starts, "
+      "float[]? stds=None) -> ()");
   // Whether the CUDA kernels were compiled into this build.
   m.def("cuda_built() -> bool", &fastnoise::cuda_built);
 }

@@ -1,12 +1,21 @@
 // Philox words -> noise values, shared host/device. See fastnoise/reference.py.
 // Every float operation is rounded once: on the device through __fmul_rn/__fadd_rn (nvcc
 // never contracts those into an FMA), on the host the build passes -ffp-contract=off.
+// FASTNOISE_DEVICE_MATH: the device's code path, also taken by the host emulator of the CUDA
+// kernels (tests/cuda_emu, which implements __fmul_rn & co. for the host).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "philox.h"
+
+#if defined(__CUDA_ARCH__) || defined(FASTNOISE_CUDA_EMU)
+#define FASTNOISE_DEVICE_MATH 1
+#else
+#define FASTNOISE_DEVICE_MATH 0
+#endif
 
 namespace fastnoise {
 
@@ -17,7 +26,7 @@ constexpr float kGaussianMinU = 1e-7f;
 constexpr float kTwoPi = 6.283185307179586f;
 
 FASTNOISE_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if FASTNOISE_DEVICE_MATH
   return __fmul_rn(a, b);
 #else
   return a * b;
@@ -25,7 +34,7 @@ FASTNOISE_HD float mul_rn(float a, float b) {
 }
 
 FASTNOISE_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if FASTNOISE_DEVICE_MATH
   return __fadd_rn(a, b);
 #else
   return a + b;
@@ -33,7 +42,7 @@ FASTNOISE_HD float add_rn(float a, float b) {
 }
 
 FASTNOISE_HD float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if FASTNOISE_DEVICE_MATH
   return __fsub_rn(a, b);
 #else
   return a - b;
@@ -41,7 +50,7 @@ FASTNOISE_HD float sub_rn(float a, float b) {
 }
 
 FASTNOISE_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
+#if FASTNOISE_DEVICE_MATH
   return __dadd_rn(a, b);
 #else
   return a + b;
@@ -49,7 +58,7 @@ FASTNOISE_HD double add_rn(double a, double b) {
 }
 
 FASTNOISE_HD double sub_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
+#if FASTNOISE_DEVICE_MATH
   return __dsub_rn(a, b);
 #else
   return a - b;
@@ -57,7 +66,7 @@ FASTNOISE_HD double sub_rn(double a, double b) {
 }
 
 FASTNOISE_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
+#if FASTNOISE_DEVICE_MATH
   return __dmul_rn(a, b);
 #else
   return a * b;
@@ -101,7 +110,7 @@ FASTNOISE_HD void box_muller(uint32_t wa, uint32_t wb, float& xa, float& xb) {
   const float th = mul_rn(kTwoPi, uniform01(wb));
   const float rad = sqrtf(mul_rn(-2.0f, logf(ua)));
   float s, c;
-#if defined(__CUDA_ARCH__)
+#if FASTNOISE_DEVICE_MATH
   sincosf(th, &s, &c);
 #else
   s = sinf(th);
@@ -129,9 +138,26 @@ FASTNOISE_HD float sign_noise(uint32_t word, int bit) {
   return ((word >> bit) & 1u) ? -1.0f : 1.0f;
 }
 
-// NoisyTune: (u - 0.5) * s, each op rounded once.
+// NoisyTune: (u - 0.5) * s, each op rounded once; float32 for fp32 / fp16 / bf16 tensors.
 FASTNOISE_HD float noisytune_delta(uint32_t w, float s) {
   return mul_rn(sub_rn(uniform01(w), 0.5f), s);
+}
+
+// NoisyTune on float64 tensors: (double(u) - 0.5) * s in float64 (contract C2).
+FASTNOISE_HD double noisytune_delta(uint32_t w, double s) {
+  return mul_rn(sub_rn(static_cast<double>(uniform01(w)), 0.5), s);
+}
+
+// NoisyTune's scale s from std64 (contract C2): float32(float32(lam) * float32(std64)) for
+// fp32 / fp16 / bf16 tensors, lam * std64 in float64 for float64 tensors; NaN when s is zero
+// or not finite (the tensor stays unchanged).
+FASTNOISE_HD double noisytune_scale(double lam, double std64, bool float64_tensor) {
+  const double s = float64_tensor
+                       ? mul_rn(lam, std64)
+                       : static_cast<double>(
+                             mul_rn(static_cast<float>(lam), static_cast<float>(std64)));
+  const bool finite_nonzero = s - s == 0.0 && s != 0.0;  // s - s: NaN for inf and NaN
+  return finite_nonzero ? s : std::numeric_limits<double>::quiet_NaN();
 }
 
 }  // namespace fastnoise

@@ -31,7 +31,7 @@ struct Words4 {
 };
 
 FASTNOISE_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(FASTNOISE_CUDA_EMU)  // the emulator's __umulhi
   return __umulhi(a, b);
 #else
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);

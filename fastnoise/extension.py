@@ -51,7 +51,7 @@ def cuda_built() -> bool:
 if _C is not None:
     @torch.library.register_fake("fastnoise::embedding_forward")
     def _embedding_forward_fake(ids, weight, out, noise, mag, tok_mag, seed, offset,
-                                symmetric, embed_scale=1.0, seed_tensor=None):
+                                symmetric, embed_scale=1.0, seed_tensor=None, error=None):
         return None
 
     @torch.library.register_fake("fastnoise::embedding_backward")
@@ -60,7 +60,7 @@ if _C is not None:
         return grad_out.new_empty((num_weights, grad_out.shape[-1]))
 
     @torch.library.register_fake("fastnoise::noisytune_")
-    def _noisytune_fake(tensors, lam, seed, starts):
+    def _noisytune_fake(tensors, lam, seed, starts, stds=None):
         return None
 
 
@@ -102,7 +102,7 @@ class ExtensionBackend:
         torch.ops.fastnoise.embedding_forward(ids, weight, out, code, float(mag), tok_mag,
                                               as_int64(seed), as_int64(offset),
                                               bool(symmetric), float(embed_scale),
-                                              seed_tensor)
+                                              seed_tensor, error)
         return out
 
     def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
@@ -111,12 +111,13 @@ class ExtensionBackend:
             grad_out, ids, int(num_weights), None if padding_idx is None else int(padding_idx),
             bool(symmetric), bool(deterministic), float(embed_scale))
 
-    def noisytune_(self, tensors: Sequence[torch.Tensor], lam, *, seed, starts):
+    def noisytune_(self, tensors: Sequence[torch.Tensor], lam, *, seed, starts, stds=None):
         tensors = list(tensors)
         if not tensors:
             return
         torch.ops.fastnoise.noisytune_(tensors, float(lam), as_int64(seed),
-                                       [as_int64(s) for s in starts])
+                                       [as_int64(s) for s in starts],
+                                       None if stds is None else [float(s) for s in stds])
 
 
 CPU_BACKEND = ExtensionBackend("cpu", "cpu")

@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line("markers", "cuda_emulated: the CUDA kernels run on the CPU by the "
+                            "host emulator of tests/cuda_emu (needs g++)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 

@@ -328,24 +328,49 @@ def test_forward_rejects_bad_arguments():
 
 
 def _backward_c3(grad_out, ids, V, *, padding_idx, symmetric, embed_scale=1.0):
-    """The reference's weight gradient under contract C3: accumulated in float64 for float64
-    grads (float32 otherwise), in grad_out's dtype. (Local until fastnoise/reference.py
-    states C3; for float32/float16/bfloat16 it is the reference's.)"""
-    if grad_out.dtype != torch.float64:
-        return R.embedding_backward(grad_out, ids, V, padding_idx=padding_idx,
-                                    symmetric=symmetric, embed_scale=embed_scale).to(
-                                        grad_out.dtype)
-    n = ids.numel()
-    g = grad_out.reshape(-1, grad_out.shape[-1])
-    if symmetric:
-        g = g[:n] + g[n:]
-    if embed_scale != 1.0:
-        g = g * embed_scale
-    grad = torch.zeros(V, g.shape[1], dtype=torch.float64)
-    grad.index_add_(0, ids.reshape(-1).long(), g)
-    if padding_idx is not None:
-        grad[padding_idx] = 0
-    return grad
+    """The reference's weight gradient (contract C3: float64 grads accumulate in float64),
+    in grad_out's dtype."""
+    return R.embedding_backward(grad_out, ids, V, padding_idx=padding_idx, symmetric=symmetric,
+                                embed_scale=embed_scale).to(grad_out.dtype)
+
+
+def _raises(match, fn, *args):
+    with pytest.raises(RuntimeError, match=match):
+        fn(*args)
+
+
+def test_ops_reject_bad_arguments():
+    """The public ops (torch.compile calls them; so can users) check shapes, strides, dtypes
+    and list lengths (csrc/common.h, shared by the CPU and CUDA ops) before any kernel runs."""
+    ops = torch.ops.fastnoise
+    V, d, n = 10, 16, 4
+    w = torch.randn(V, d)
+    ids = torch.randint(0, V, (n,))
+    out = torch.empty(n, d)
+    fwd = ops.embedding_forward
+    _raises("one entry per token", fwd, ids, w, out, 0, 0.1, torch.rand(n - 1), 0, 0, False)
+    _raises("1-D", fwd, ids.view(2, 2), w, out, 0, 0.1, None, 0, 0, False)
+    _raises("contiguous", fwd, torch.randint(0, V, (2 * n,))[::2], w, out, 0, 0.1, None, 0, 0,
+            False)
+    _raises("rows must be contiguous", fwd, ids, torch.randn(d, V).t(), out, 0, 0.1, None, 0,
+            0, False)
+    _raises("shape", fwd, ids, w, out, 0, 0.1, None, 0, 0, True)  # symmetric needs 2N rows
+    _raises("int32 or int64", fwd, ids.float(), w, out, 0, 0.1, None, 0, 0, False)
+    bwd = ops.embedding_backward
+    g = torch.randn(n, d)
+    _raises(f"{n - 1} rows, expected {n}", bwd, g[:-1], ids, V, None, False, True)
+    _raises(f"{n} rows, expected {2 * n}", bwd, g, ids, V, None, True, False)
+    _raises("1-D", bwd, g, ids.view(2, 2), V, None, False, True)
+    _raises("contiguous", bwd, g, torch.randint(0, V, (2 * n,))[::2], V, None, False, True)
+    _raises("int32 or int64", bwd, g, ids.float(), V, None, False, True)
+    _raises("2-D", bwd, g.reshape(-1), ids, V, None, False, True)
+    _raises("num_weights", bwd, g, ids, -1, None, False, True)
+    ts = [torch.randn(5), torch.randn(3)]
+    _raises("2 tensors but 1 start", ops.noisytune_, ts, 0.1, 0, [0])
+    _raises("2 tensors but 3 start", ops.noisytune_, ts, 0.1, 0, [0, 2, 3])
+    _raises("contiguous", ops.noisytune_, [torch.randn(4, 4).t()], 0.1, 0, [0])
+    _raises("float32, float16", ops.noisytune_, [torch.arange(5)], 0.1, 0, [0])
+    assert torch.equal(ts[0], ts[0].clone())
 
 
 # ---------------------------------------------------------------------------------------
@@ -563,27 +588,10 @@ def test_cpu_backward_float64_accumulates_in_float64():
 
 
 def _noisytune_c2(tensors, lam, seed, starts, stds=None):
-    """NoisyTune under contract C2, literally, in torch (local until fastnoise/reference.py
-    states C2): std64 from float64 values; float32(float32(lam) * float32(std64)) and float32
-    arithmetic for float32/float16/bfloat16; float64 arithmetic for float64."""
+    """The reference's NoisyTune (contract C2; C5 with ``stds``), tensor k from ``starts[k]``."""
     for k, (t, start) in enumerate(zip(tensors, starts)):
-        n = t.numel()
-        if n < 2:
-            continue
-        x64 = t.double().reshape(-1)
-        std64 = float(x64.std()) if stds is None else float(stds[k])
-        u = R.uniform01(R.noise_words(seed, start, (n + 3) // 4)).reshape(-1)[:n]
-        if t.dtype == torch.float64:
-            s = lam * std64
-            if not math.isfinite(s) or s == 0.0:
-                continue
-            t.copy_((x64 + (u.double() - 0.5) * s).reshape(t.shape))
-        else:
-            f32 = lambda v: torch.tensor(v, dtype=torch.float32)
-            s = f32(lam) * f32(std64)
-            if not bool(torch.isfinite(s)) or float(s) == 0.0:
-                continue
-            t.copy_((t.float().reshape(-1) + (u - 0.5) * s).reshape(t.shape).to(t.dtype))
+        R.noisytune_([t], lam, seed=seed, offset=start,
+                     stds=None if stds is None else [stds[k]])
 
 
 def _same(a, b):
@@ -715,6 +723,10 @@ def test_opcheck(device):
     opcheck(torch.ops.fastnoise.embedding_forward.default,
             (ids, w, out[:n], 0, 0.1, None, 5, 3, False),
             {"seed_tensor": torch.tensor([3], device=device)})
+    # error (last, default None; C1: written only by kernels that cannot raise)
+    opcheck(torch.ops.fastnoise.embedding_forward.default,
+            (ids, w, out[:n], 1, 0.1, None, 5, 3, False, 1.0, None,
+             torch.zeros(4, dtype=torch.int64, device=device)))
     ts = [torch.randn(10, 3, device=device), torch.randn(7, device=device)]
     opcheck(torch.ops.fastnoise.noisytune_.default, (ts, 0.1, 9, [0, 8]))
 
@@ -850,3 +862,48 @@ def test_cuda_seed_tensor_on_wrong_device_raises():
     ids = torch.tensor([1, 2], device="cuda")
     with pytest.raises(RuntimeError, match="seed_tensor is on"):
         _forward("cuda", ids, weight, noise="uniform", mag=0.1, seed_tensor=torch.tensor([1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("noise", NOISES)
+def test_cuda_error_buffer_records_a_bad_id(noise):
+    """C1: NaN rows, then error = [1, one bad id, V, 0]; in-range ids leave it untouched."""
+    V = 10
+    weight = torch.randn(V, 64, device="cuda")
+    ids = torch.tensor([1, 10, -3, 2], device="cuda")
+    error = torch.zeros(4, dtype=torch.int64, device="cuda")
+    out = _forward("cuda", ids, weight, noise=noise, mag=0.1, symmetric=True, error=error)
+    assert out[[1, 2, 5, 6]].isnan().all() and not out[[0, 3, 4, 7]].isnan().any()
+    e = error.tolist()
+    assert e[0] == 1 and e[1] in (10, -3) and e[2] == V and e[3] == 0
+    error.zero_()
+    _forward("cuda", ids.clamp(0, V - 1), weight, noise=noise, mag=0.1, error=error)
+    assert not error.any()
+    for bad in (torch.zeros(4, dtype=torch.int32, device="cuda"),
+                torch.zeros(3, dtype=torch.int64, device="cuda"),
+                torch.zeros(8, dtype=torch.int64, device="cuda")[::2],
+                torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(RuntimeError, match="error"):
+            _forward("cuda", ids, weight, noise=noise, mag=0.1, error=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_cuda_noisytune_given_stds_and_float64(dtype):
+    """C5: given stds replace the statistics; C2: float64 tensors perturbed in float64."""
+    tensors = [torch.randn(1000, device="cuda").to(dtype), torch.randn(37, device="cuda").to(dtype)]
+    stds, lam, seed = [0.5, 0.0], 0.2, 99
+    starts = R.noisytune_offsets([t.numel() for t in tensors], 0)
+    before = [t.clone() for t in tensors]
+    ext.CUDA_BACKEND.noisytune_(tensors, lam, seed=seed, starts=starts, stds=stds)
+    assert torch.equal(tensors[1], before[1])  # s = 0: unchanged
+    x = before[0].cpu()
+    u = R.uniform01(R.noise_words(seed, starts[0], 250)).reshape(-1)
+    if dtype == torch.float64:
+        exp = x + (u.double() - 0.5) * (lam * 0.5)
+    else:
+        s = torch.tensor(lam, dtype=torch.float32) * torch.tensor(0.5, dtype=torch.float32)
+        exp = (x.float() + (u - 0.5) * s).to(dtype)
+    assert torch.equal(tensors[0].cpu(), exp)

@@ -87,7 +87,9 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
 void embedding_forward_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& out,
                            int64_t noise, double mag, const std::optional<at::Tensor>& tok_mag,
                            int64_t seed, int64_t offset, bool symmetric, double embed_scale,
-                           const std::optional<at::Tensor>& seed_tensor) {
+                           const std::optional<at::Tensor>& seed_tensor,
+                           const std::optional<at::Tensor>& error) {
+  (void)error;  // contract C1: the CPU kernel raises on a bad id at once
   check_forward_args(ids, weight, out, noise, tok_mag, symmetric);
   check_seed_tensor(seed_tensor, weight);
   const bool has_scale = embed_scale != 1.0;

@@ -100,17 +100,10 @@ struct Chunk {
 // when given, stds[k] replaces tensor k's std64 (a sharded tensor's std over all ranks).
 void noisytune_cpu_impl(at::TensorList tensors, double lam, int64_t seed,
                         at::IntArrayRef starts, std::optional<at::ArrayRef<double>> given_stds) {
-  TORCH_CHECK(tensors.size() == starts.size(), "fastnoise: noisytune_ got ", tensors.size(),
-              " tensors but ", starts.size(), " start counters");
-  TORCH_CHECK(!given_stds.has_value() || given_stds->size() == tensors.size(),
-              "fastnoise: noisytune_ got ", tensors.size(), " tensors but ",
-              given_stds.has_value() ? given_stds->size() : 0, " stds");
+  check_noisytune_args(tensors, starts, given_stds);
   const double* stds = given_stds.has_value() ? given_stds->data() : nullptr;
   for (const at::Tensor& t : tensors) {
     TORCH_CHECK(t.device().is_cpu(), "fastnoise: CPU noisytune_ got a tensor on ", t.device());
-    TORCH_CHECK(t.is_contiguous(), "fastnoise: noisytune_ needs contiguous tensors");
-    TORCH_CHECK(supported_float(t.scalar_type()),
-                "fastnoise: noisytune_ needs floating tensors, got ", t.scalar_type());
   }
   std::vector<Chunk> chunks;
   for (size_t k = 0; k < tensors.size(); ++k) {
@@ -173,8 +166,9 @@ void noisytune_cpu_impl(at::TensorList tensors, double lam, int64_t seed,
 
 namespace {
 
-void noisytune_cpu(at::TensorList tensors, double lam, int64_t seed, at::IntArrayRef starts) {
-  noisytune_cpu_impl(tensors, lam, seed, starts, std::nullopt);
+void noisytune_cpu(at::TensorList tensors, double lam, int64_t seed, at::IntArrayRef starts,
+                   std::optional<at::ArrayRef<double>> stds) {
+  noisytune_cpu_impl(tensors, lam, seed, starts, stds);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
-// Small CUDA host helpers that need only c10/core headers and the CUDA runtime (no
-// c10/cuda or ATen/cuda headers: the CPU torch wheel does not ship all of those, and the
-// CI nvcc compile check builds these files against a CPU wheel).
+// Small CUDA host helpers of the .cu files that need only c10/core headers and the CUDA runtime
+// (no c10/cuda or ATen/cuda headers: the CPU torch wheel does not ship all of those, and the CI
+// nvcc compile check builds these files against a CPU wheel). What the kernels themselves use
+// is in device_utils.cuh (shared with the host emulator of tests/cuda_emu).
 #pragma once
 
 #include <c10/core/Device.h>
@@ -10,16 +11,7 @@
 
 #include <cstdint>
 
-#include "../philox.h"  // FASTNOISE_HD
-
-#define FASTNOISE_CUDA_CHECK(expr)                                                       \
-  do {                                                                                   \
-    const cudaError_t fastnoise_err_ = (expr);                                           \
-    TORCH_CHECK(fastnoise_err_ == cudaSuccess, "fastnoise CUDA error: ",                 \
-                cudaGetErrorString(fastnoise_err_), " (", #expr, ")");                   \
-  } while (0)
-
-#define FASTNOISE_KERNEL_LAUNCH_CHECK() FASTNOISE_CUDA_CHECK(cudaGetLastError())
+#include "device_utils.cuh"
 
 namespace fastnoise {
 namespace cuda {
@@ -41,23 +33,6 @@ inline int sm_count(int device) {
   }
   return cache[device];
 }
-
-// A 1-D grid of `blocks` blocks, refused past CUDA's limit (2^31 - 1) rather than truncated.
-inline unsigned int grid_blocks(int64_t blocks) {
-  TORCH_CHECK(blocks > 0 && blocks <= 0x7fffffff, "fastnoise: a launch of ", blocks,
-              " blocks is beyond CUDA's grid limit");
-  return static_cast<unsigned int>(blocks);
-}
-
-FASTNOISE_HD bool aligned(const void* p, size_t bytes) {
-  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
-}
-
-// A pack of N elements moved by one (or, for 32 bytes, two) vector instruction(s).
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
 
 }  // namespace cuda
 }  // namespace fastnoise
