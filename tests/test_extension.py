@@ -4,7 +4,6 @@ Skipped as a whole when the extension is not built (``pip install --no-build-iso
 GPU tests carry ``@pytest.mark.gpu``; the nvcc compile check needs only nvcc.
 """
 
-import math
 import os
 import shutil
 import subprocess
