@@ -50,13 +50,13 @@ def check_method(method: str):
 
 
 def check_nonnegative(name: str, value) -> float:
-    value = _check_finite(name, value)
+    value = check_finite(name, value)
     if not torch.compiler.is_compiling() and value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
 
 
-def _check_finite(name: str, value) -> float:
+def check_finite(name: str, value) -> float:
     if torch.compiler.is_compiling():
         return value  # may be symbolic (dynamic=True); NoisyEmbedding checked it when built
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -189,7 +189,7 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
     noise = check_noise(noise)
     alpha = check_nonnegative("alpha", alpha)
     seed = check_seed(seed)
-    embed_scale = _check_finite("embed_scale", embed_scale)
+    embed_scale = check_finite("embed_scale", embed_scale)
     _check_ids(input)
     if input.device != weight.device:
         raise ValueError(f"input is on {input.device} but weight is on {weight.device}")

@@ -10,13 +10,16 @@ or a "ref" adapter, model still in training mode), and the reference must be the
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import check_method, check_noise, check_nonnegative, noisy_embedding
+from .backends import get_backend
+from .functional import (check_finite, check_method, check_noise, check_nonnegative,
+                         check_padding_idx, noisy_embedding)
 
 __all__ = ["NoisyEmbedding", "noise_active"]
 
@@ -61,7 +64,8 @@ def embed_scale_of(embedding: nn.Module) -> float:
 def resolve_settings(method: Optional[str], noise: Optional[str], alpha,
                      symmetric: Optional[bool]):
     """(noise, alpha, symmetric) from a method preset and explicit overrides, checked."""
-    preset_noise, preset_symmetric = check_method(method) if method else ("uniform", False)
+    preset_noise, preset_symmetric = (check_method(method) if method is not None
+                                      else ("uniform", False))
     noise = check_noise(preset_noise if noise is None else noise)
     symmetric = bool(preset_symmetric if symmetric is None else symmetric)
     return noise, check_nonnegative("alpha", alpha), symmetric
@@ -85,14 +89,19 @@ class NoisyEmbedding(nn.Embedding):
                  alpha: float = 5.0, symmetric: bool = False, backend: str = "auto",
                  embed_scale: float = 1.0, _weight: Optional[torch.Tensor] = None,
                  device=None, dtype=None):
+        if padding_idx is not None:  # nn.Embedding would take 1.5 and fail in backward
+            check_padding_idx(padding_idx, num_embeddings)
+            padding_idx = operator.index(padding_idx)
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx,
                          _weight=_weight, device=device, dtype=dtype)
         self.noise = check_noise(noise)
         self.alpha = check_nonnegative("alpha", alpha)
         self.symmetric = bool(symmetric)
+        if backend != "auto":
+            get_backend(backend)  # an unknown name fails here, availability at the call
         self.backend = backend
         # a scaled embedding (Gemma's sqrt(d)): rows * embed_scale in the weight's dtype
-        self.embed_scale = float(embed_scale)
+        self.embed_scale = check_finite("embed_scale", embed_scale)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, *, method: Optional[str] = None,

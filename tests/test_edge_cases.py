@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastnoise
-from fastnoise import ops, reference as R
+from fastnoise import reference as R
 
 BACKENDS = fastnoise.available_backends("cpu", torch.float32)
 
@@ -292,3 +292,15 @@ def test_cuda_bad_ids_surface_at_the_next_call_or_check_errors(backend):
     assert torch.isfinite(fastnoise.noisy_embedding(good, weight, backend=backend)).all()
     # the context survives: plain CUDA work still runs
     assert float((weight * 2).sum()) == pytest.approx(2 * float(weight.sum()), rel=1e-5)
+
+
+def test_module_checks_its_arguments_when_built():
+    with pytest.raises(TypeError, match="padding_idx"):
+        fastnoise.NoisyEmbedding(10, 4, padding_idx=1.5)
+    assert fastnoise.NoisyEmbedding(10, 4, padding_idx=np.int64(-1)).padding_idx == 9
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastnoise.NoisyEmbedding(10, 4, backend="tpu")
+    with pytest.raises(ValueError, match="embed_scale"):
+        fastnoise.NoisyEmbedding(10, 4, embed_scale=math.nan)
+    with pytest.raises(ValueError, match="unknown method"):
+        fastnoise.NoisyEmbedding.from_embedding(torch.nn.Embedding(10, 4), method="")

@@ -345,14 +345,5 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    # skip interpreter teardown: gloo's C++ statics can abort at exit once the peer is gone
-    sys.stdout.flush()
-    os._exit(0)
+    import worker_exit
+    worker_exit.run(main)
