@@ -542,6 +542,17 @@ def test_cpu_forward_odd_widths(noise, dtype, d):
                    embed_scale=_embed_scale(d, dtype))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux")
+                    or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch's intra-op backend is not OpenMP on Linux")
+def test_cpu_kernels_built_with_openmp():
+    """at::parallel_for is a header template: compiled without -fopenmp its `omp parallel`
+    vanishes and every CPU kernel runs on one thread (results still right, so only the
+    build shows it). The extension must call libgomp's parallel region."""
+    so = Path(ext._C.__file__).read_bytes()
+    assert b"GOMP_parallel" in so
+
+
 @pytest.mark.parametrize("noise", NOISES)
 def test_cpu_forward_independent_of_thread_count(noise):
     weight = torch.randn(300, 264)
