@@ -525,7 +525,7 @@ def test_noisytune_std_is_stable(device):
 # The CPU kernels: their vector code (AVX-512 where the CPU has it, picked at run time) and
 # the portable fallback (FASTNOISE_CPU_ISA=portable)
 # ---------------------------------------------------------------------------------------
-CPU_WIDTHS = [1, 3, 8, 100, 130, 264, 4200]
+CPU_WIDTHS = [1, 3, 8, 100, 130, 264, 1024, 4200]  # 1024: exactly 8 ±1 counters per row
 ALL_DTYPES = DTYPES + [torch.float64]
 
 
