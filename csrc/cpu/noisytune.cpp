@@ -75,8 +75,9 @@ Moments chunk_moments(const scalar_t* x, int64_t count) {
 }
 
 // float32 moments (the common case) also compiled for AVX-512 and AVX2, picked at load time
-// (GCC's target_clones): 8 doubles per vector instead of SSE2's 2. The 8 accumulators map to
-// vector lanes without reassociation, so every clone gives the same bits.
+// (GCC's target_clones): 4 doubles per instruction (GCC keeps to 256 bits) instead of
+// SSE2's 2. The 8 accumulators map to vector lanes without reassociation, so every clone
+// gives the same bits.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
 #endif
