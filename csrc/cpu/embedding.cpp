@@ -44,14 +44,8 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
       const float m = tok_mag != nullptr ? tok_mag[r] : mag;
       const uint64_t first_counter = offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(G);
       const scalar_t* e = weight + static_cast<int64_t>(ids[r]) * w_stride;
-      if (r + 1 < end) {
-        // the next token's row is a random one: start its loads while this row computes
-        const char* next =
-            reinterpret_cast<const char*>(weight + static_cast<int64_t>(ids[r + 1]) * w_stride);
-        for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
-          __builtin_prefetch(next + b);
-        }
-      }
+      // No software prefetch of the next token's row: 64 prefetches per 4 KiB row took the
+      // fill buffers from the stores and made the ±1 row 13 % slower (bench/RESULTS.md).
       scalar_t* o = out + r * d;
       if constexpr (!HAS_SCALE && std::is_same_v<scalar_t, float>) {
         (void)es;
