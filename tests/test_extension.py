@@ -428,6 +428,22 @@ def test_backward_embed_scale(device, dtype, symmetric, deterministic):
         grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx, symmetric=symmetric))
 
 
+@pytest.mark.parametrize("V,d", [(37, 130), (1500, 1024)])  # 1500 x 1024: > 2 MiB (huge pages)
+def test_cpu_backward_writes_every_row(V, d):
+    """The CPU backward allocates its gradient without zeroing it and writes every row: rows
+    no token points to (and padding_idx) must come out zero even when the allocator hands
+    back memory that held NaN (a freed poisoned buffer of the same size, usually reused)."""
+    ids = torch.randint(0, V // 3, (50,))  # most rows untouched
+    grad_out = torch.randn(50, d)
+    ref = _backward_c3(grad_out, ids, V, padding_idx=int(ids[0]), symmetric=False)
+    for _ in range(3):
+        poison = torch.full((V, d), float("nan"))
+        del poison
+        got = ext.CPU_BACKEND.embedding_backward(grad_out, ids, V, padding_idx=int(ids[0]),
+                                                 symmetric=False, deterministic=True)
+        assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_deterministic_run_to_run(device):
     V, d, n = 7, 96, 3000
