@@ -19,11 +19,26 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _openmp_flag(torch) -> bool:
+    """Whether the C++ sources must be compiled with -fopenmp: torch's intra-op parallel
+    backend is OpenMP (ATen/Config.h: AT_PARALLEL_OPENMP) and the compiler is GCC-style on
+    Linux (torch's Linux wheels ship GNU libgomp)."""
+    return (sys.platform.startswith("linux") and torch._C.has_openmp
+            and "ATen parallel backend: OpenMP" in torch.__config__.parallel_info())
+
+
 def _extensions():
     from torch.utils import cpp_extension
     import torch
 
     cxx_flags = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+    link_flags = []
+    if _openmp_flag(torch):
+        # at::parallel_for is a header template: without -fopenmp its `#pragma omp parallel`
+        # is dropped and every CPU kernel runs on one thread. libgomp.so.1 then resolves to
+        # the one torch has already loaded (same soname): one thread pool, torch's settings.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     sources = ["csrc/fastnoise.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
 
@@ -39,7 +54,7 @@ def _extensions():
         return [cpp_extension.CppExtension(
             "fastnoise._C", sources,
             define_macros=[("FASTNOISE_WITH_CUDA", "0")],
-            extra_compile_args={"cxx": cxx_flags})]
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     nvcc_flags = [
@@ -51,7 +66,7 @@ def _extensions():
     return [cpp_extension.CUDAExtension(
         "fastnoise._C", sources + cuda_sources,
         define_macros=[("FASTNOISE_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})]
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)]
 
 
 def _cmdclass():

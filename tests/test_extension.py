@@ -428,6 +428,22 @@ def test_backward_embed_scale(device, dtype, symmetric, deterministic):
         grad_out.cpu(), ids.cpu(), V, padding_idx=padding_idx, symmetric=symmetric))
 
 
+@pytest.mark.parametrize("V,d", [(37, 130), (1500, 1024)])  # 1500 x 1024: > 2 MiB (huge pages)
+def test_cpu_backward_writes_every_row(V, d):
+    """The CPU backward allocates its gradient without zeroing it and writes every row: rows
+    no token points to (and padding_idx) must come out zero even when the allocator hands
+    back memory that held NaN (a freed poisoned buffer of the same size, usually reused)."""
+    ids = torch.randint(0, V // 3, (50,))  # most rows untouched
+    grad_out = torch.randn(50, d)
+    ref = _backward_c3(grad_out, ids, V, padding_idx=int(ids[0]), symmetric=False)
+    for _ in range(3):
+        poison = torch.full((V, d), float("nan"))
+        del poison
+        got = ext.CPU_BACKEND.embedding_backward(grad_out, ids, V, padding_idx=int(ids[0]),
+                                                 symmetric=False, deterministic=True)
+        assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_deterministic_run_to_run(device):
     V, d, n = 7, 96, 3000
@@ -525,7 +541,7 @@ def test_noisytune_std_is_stable(device):
 # The CPU kernels: their vector code (AVX-512 where the CPU has it, picked at run time) and
 # the portable fallback (FASTNOISE_CPU_ISA=portable)
 # ---------------------------------------------------------------------------------------
-CPU_WIDTHS = [1, 3, 8, 100, 130, 264, 4200]
+CPU_WIDTHS = [1, 3, 8, 100, 130, 264, 1024, 4200]  # 1024: exactly 8 ±1 counters per row
 ALL_DTYPES = DTYPES + [torch.float64]
 
 
@@ -540,6 +556,17 @@ def test_cpu_forward_odd_widths(noise, dtype, d):
                    use_tok=True)
     _check_forward("cpu", noise=noise, dtype=dtype, V=41, d=d, n=n, symmetric=True,
                    embed_scale=_embed_scale(d, dtype))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux")
+                    or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch's intra-op backend is not OpenMP on Linux")
+def test_cpu_kernels_built_with_openmp():
+    """at::parallel_for is a header template: compiled without -fopenmp its `omp parallel`
+    vanishes and every CPU kernel runs on one thread (results still right, so only the
+    build shows it). The extension must call libgomp's parallel region."""
+    so = Path(ext._C.__file__).read_bytes()
+    assert b"GOMP_parallel" in so
 
 
 @pytest.mark.parametrize("noise", NOISES)

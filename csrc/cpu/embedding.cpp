@@ -2,12 +2,18 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../common.h"
 #include "noise_fill.h"
@@ -15,6 +21,24 @@
 namespace fastnoise {
 namespace cpu {
 namespace {
+
+// A (V, d) gradient is far above malloc's mmap threshold: fresh pages every call, one page
+// fault per 4 KiB on first write (32000 faults, ~90 % of the backward at V=32000 d=1024).
+// Where transparent huge pages are "madvise"-only, ask for them on the 2 MiB-aligned interior
+// of a buffer this op allocated itself (what torch's allocator does under
+// THP_MEM_ALLOC_ENABLE=1): 2 MiB faults instead. Advisory only: the contents are unchanged,
+// nothing outside [p, p + nbytes) is touched, and a failure changes nothing.
+void advise_huge_pages(void* p, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + nbytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)nbytes;
+#endif
+}
 
 template <typename index_t>
 void check_ids_in_range(const index_t* ids, int64_t n, int64_t num_weights) {
@@ -44,14 +68,8 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
       const float m = tok_mag != nullptr ? tok_mag[r] : mag;
       const uint64_t first_counter = offset + static_cast<uint64_t>(r) * static_cast<uint64_t>(G);
       const scalar_t* e = weight + static_cast<int64_t>(ids[r]) * w_stride;
-      if (r + 1 < end) {
-        // the next token's row is a random one: start its loads while this row computes
-        const char* next =
-            reinterpret_cast<const char*>(weight + static_cast<int64_t>(ids[r + 1]) * w_stride);
-        for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
-          __builtin_prefetch(next + b);
-        }
-      }
+      // No software prefetch of the next token's row: 64 prefetches per 4 KiB row took the
+      // fill buffers from the stores and made the ±1 row 13 % slower (bench/RESULTS.md).
       scalar_t* o = out + r * d;
       if constexpr (!HAS_SCALE && std::is_same_v<scalar_t, float>) {
         (void)es;
@@ -143,7 +161,11 @@ void backward_kernel(const scalar_t* g, int64_t n, int64_t d, bool symmetric,
     acc_t* a = acc.data();
     for (int64_t v = begin; v < end; ++v) {
       const int64_t s = start[v], e = start[v + 1];
-      if (s == e || v == padding) continue;
+      scalar_t* out = grad + v * d;
+      if (s == e || v == padding) {  // grad is not zeroed beforehand: every row is written
+        std::fill(out, out + d, scalar_t(0));
+        continue;
+      }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t k = s; k < e; ++k) {
         const scalar_t* row = g + order[k] * d;
@@ -168,7 +190,6 @@ void backward_kernel(const scalar_t* g, int64_t n, int64_t d, bool symmetric,
           }
         }
       }
-      scalar_t* out = grad + v * d;
       for (int64_t j = 0; j < d; ++j) out[j] = static_cast<scalar_t>(a[j]);
     }
   });
@@ -182,8 +203,11 @@ at::Tensor embedding_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK(grad_out.device().is_cpu(), "fastnoise: CPU kernel got a non-CPU grad_out");
   const int64_t n = ids.numel();
   const int64_t d = grad_out.size(1);
-  at::Tensor grad = at::zeros({num_weights, d}, grad_out.options());
-  if (n == 0 || d == 0 || num_weights == 0) return grad;
+  if (n == 0 || d == 0 || num_weights == 0) return at::zeros({num_weights, d}, grad_out.options());
+  // Not zeroed here: the kernel writes every row once (zeros where no token points), in
+  // parallel, so each page is first touched once, by the thread that fills it.
+  at::Tensor grad = at::empty({num_weights, d}, grad_out.options());
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const at::Tensor g = grad_out.contiguous();
   const at::Tensor idc = ids.contiguous();
   std::vector<int64_t> start(static_cast<size_t>(num_weights + 1), 0);

@@ -74,6 +74,26 @@ Moments chunk_moments(const scalar_t* x, int64_t count) {
   return Moments{static_cast<double>(count), mean, m2};
 }
 
+// float32 moments (the common case) also compiled for AVX-512 and AVX2, picked at load time
+// (GCC's target_clones): 4 doubles per instruction (GCC keeps to 256 bits) instead of
+// SSE2's 2. The 8 accumulators map to vector lanes without reassociation, so every clone
+// gives the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default"), flatten))
+#endif
+Moments chunk_moments_f32(const float* x, int64_t count) {
+  return chunk_moments(x, count);
+}
+
+template <typename scalar_t>
+Moments moments_of(const scalar_t* x, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return chunk_moments_f32(x, count);
+  } else {
+    return chunk_moments(x, count);
+  }
+}
+
 // x[i] += (u_i - 0.5) * s for the chunk's elements, u_i from counter first_counter + i / 4.
 template <typename scalar_t>
 void perturb_chunk(scalar_t* x, int64_t count, uint64_t first_counter, uint64_t seed,
@@ -124,7 +144,7 @@ void noisytune_cpu_impl(at::TensorList tensors, double lam, int64_t seed,
         const at::Tensor& t = tensors[ch.tensor];
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(),
                                         "fastnoise_noisytune_cpu_std", [&] {
-          part[c] = chunk_moments(t.const_data_ptr<scalar_t>() + ch.begin, ch.count);
+          part[c] = moments_of(t.const_data_ptr<scalar_t>() + ch.begin, ch.count);
         });
       }
     });
