@@ -6,7 +6,7 @@
   TORCH_CUDA_ARCH_LIST to override, MAX_JOBS to bound parallel compile jobs.
   FASTNOISE_NO_CUDA=1 forces a CPU-only build.
 
-Install with ``pip install --no-build-isolation -e .`` (torch must already be installed).
+Install with ``pip install --use-pep517 --no-build-isolation -e .`` (torch must already be installed).
 A failing C++/CUDA compile fails the install loudly.
 """
 

@@ -22,8 +22,9 @@ __all__ = ["CPU_BACKEND", "CUDA_BACKEND", "BUILD_HINT", "NOISE_CODES", "is_built
 #: noise kind -> the int code the ops take
 NOISE_CODES = {"uniform": 0, "gaussian": 1, "bernoulli": 2}
 
-BUILD_HINT = ("run `pip install --no-build-isolation -e .` in the fastnoise checkout (needs a "
-              "C++ compiler; the CUDA kernels also need nvcc and a CUDA build of torch)")
+BUILD_HINT = ("run `pip install --use-pep517 --no-build-isolation -e .` in the fastnoise "
+              "checkout (needs a C++ compiler; the CUDA kernels also need nvcc and a CUDA "
+              "build of torch)")
 
 try:
     from . import _C  # noqa: F401  (loading the .so registers torch.ops.fastnoise.*)
@@ -86,7 +87,7 @@ class ExtensionBackend:
         if self.device_type == "cuda" and not cuda_built():
             return ("the fastnoise C++ extension was built without its CUDA kernels: "
                     "reinstall with nvcc (CUDA_HOME) and a CUDA build of torch present: "
-                    "`pip install --no-build-isolation -e .`")
+                    "`pip install --use-pep517 --no-build-isolation -e .`")
         if dtype is not None and dtype not in self._DTYPES:
             return (f"the {self.name!r} backend supports float32, float16, bfloat16 and "
                     f"float64 weights, not {dtype}")
