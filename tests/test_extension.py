@@ -1,6 +1,7 @@
 """The compiled extension (fastnoise._C): the "cpu" and "cuda" backends against the reference.
 
-Skipped as a whole when the extension is not built (``pip install --use-pep517 --no-build-isolation -e .``).
+Skipped as a whole when the extension is not built
+(``pip install --use-pep517 --no-build-isolation -e .``).
 GPU tests carry ``@pytest.mark.gpu``; the nvcc compile check needs only nvcc.
 """
 
