@@ -8,15 +8,6 @@ import torch.distributed as dist
 from torch import nn
 
 import fastnoise
-from fastnoise.backends import resolve_backend
-
-if "stds" not in __import__("inspect").signature(
-        resolve_backend("auto", "cpu", torch.float32, op="noisytune").noisytune_).parameters:
-    # until this checkout's compiled CPU backend takes given stds (C5, the sharded path's
-    # fused route), "auto" runs NoisyTune on the reference
-    fastnoise.backends.AUTO_ORDER["cpu"]["noisytune"] = ("reference",)
-    fastnoise.backends.clear_cache()
-
 
 def gather(t):
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
