@@ -30,8 +30,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["DeviceError", "BadTokenIdError", "BadPackingError", "check_errors", "error_buffer", "after_call", "poll",
-           "record_invalid_packing"]
+__all__ = ["DeviceError", "BadTokenIdError", "BadPackingError", "check_errors", "error_buffer",
+           "after_call", "poll", "record_invalid_packing"]
 
 #: codes of error[0]
 BAD_ID, BAD_CU_SEQLENS, BAD_POSITION_IDS = 1, 2, 3

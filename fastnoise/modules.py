@@ -10,7 +10,6 @@ or a "ref" adapter, model still in training mode), and the reference must be the
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -89,9 +88,8 @@ class NoisyEmbedding(nn.Embedding):
                  alpha: float = 5.0, symmetric: bool = False, backend: str = "auto",
                  embed_scale: float = 1.0, _weight: Optional[torch.Tensor] = None,
                  device=None, dtype=None):
-        if padding_idx is not None:  # nn.Embedding would take 1.5 and fail in backward
-            check_padding_idx(padding_idx, num_embeddings)
-            padding_idx = operator.index(padding_idx)
+        # nn.Embedding itself would take 1.5 and fail in backward
+        padding_idx = check_padding_idx(padding_idx, num_embeddings)
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx,
                          _weight=_weight, device=device, dtype=dtype)
         self.noise = check_noise(noise)
