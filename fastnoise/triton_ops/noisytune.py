@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from ..ops import as_int64
 from .embedding import _group_values, _split64, device_guard
 
@@ -245,11 +246,15 @@ def noisytune_(tensors, lam, *, seed, starts, stds=None):
 
 
 def _given_stats(lam, stds, numels):
-    """(s, ok) float32 pairs for given std64s, by the kernel's rule (C2): s = float32(
-    float32(lam) * float32(std)), ok = n >= 2 and s finite and nonzero."""
-    s = torch.tensor(lam, dtype=torch.float32) * torch.tensor(stds, dtype=torch.float64).float()
-    ok = torch.isfinite(s) & (s != 0) & (torch.tensor(numels) >= 2)
-    return torch.stack([s, ok.float()], dim=1).reshape(-1)
+    """(s, ok) float32 pairs for given std64s, by the reference's rule (C2,
+    :func:`fastnoise.reference.noisytune_scale`): ok = n >= 2 and s finite and nonzero."""
+    pairs = []
+    for std, numel in zip(stds, numels):
+        scale = reference.noisytune_scale(lam, torch.tensor(std, dtype=torch.float64),
+                                          torch.float32)
+        ok = scale is not None and numel >= 2
+        pairs += [float(scale) if ok else 0.0, 1.0 if ok else 0.0]
+    return torch.tensor(pairs, dtype=torch.float32)
 
 
 def _launch(device, members, lam, seed_lo, seed_hi, dtype_code):
