@@ -39,7 +39,8 @@ def _extensions():
         # the one torch has already loaded (same soname): one thread pool, torch's settings.
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
-    sources = ["csrc/fastnoise.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
+    sources = (sorted(glob.glob("csrc/*.cpp", root_dir=ROOT))
+               + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT)))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT))
 
     want_cuda = os.environ.get("FASTNOISE_NO_CUDA", "0") in ("", "0")

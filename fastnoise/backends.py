@@ -139,9 +139,15 @@ _REGISTRY: Dict[str, object] = {
 }
 
 
+#: bumped whenever the registry changes: settled calls (fastnoise.ops.settle) made before are
+#: settled again
+REGISTRY_VERSION = [0]
+
+
 def register_backend(name: str, backend) -> None:
     """Replace or add a backend (tests use this to plant a broken one)."""
     _REGISTRY[name] = backend
+    REGISTRY_VERSION[0] += 1
 
 
 def get_backend(name: str):
@@ -187,8 +193,9 @@ def resolve_backend(name: str, device, dtype: Optional[torch.dtype] = None,
 
 
 def clear_cache() -> None:
-    """Forget resolved backends (after editing AUTO_ORDER at run time)."""
+    """Forget resolved backends and settled calls (after editing AUTO_ORDER at run time)."""
     _RESOLVED.clear()
+    REGISTRY_VERSION[0] += 1
 
 
 def _resolve(name: str, device: torch.device, dtype: Optional[torch.dtype], op: str):

@@ -64,18 +64,27 @@ def _forward_error(backend: str, noise: str, dtype, device) -> float:
     """Largest |backend - reference| over plain, symmetric and masked calls on fresh inputs;
     in units of mag for gaussian (which may differ by rounding), exact otherwise."""
     worst = 0.0
-    for batch, length, d, vocab, symmetric, masked in [(3, 37, 100, 211, False, False),
-                                                       (2, 5, 260, 97, True, False),
-                                                       (4, 9, 33, 50, False, True)]:
+    for batch, length, d, vocab, symmetric, packing in [(3, 37, 100, 211, False, None),
+                                                        (2, 5, 260, 97, True, None),
+                                                        (4, 9, 33, 50, False, "mask"),
+                                                        (2, 12, 40, 61, False, "positions"),
+                                                        (1, 15, 24, 30, True, "cu")]:
         weight = torch.randn(vocab, d, device=device).to(dtype)
         ids = torch.randint(0, vocab, (batch, length), device=device)
-        mask = (torch.rand(batch, length, device=device) > 0.3).long() if masked else None
+        mask = ((torch.rand(batch, length, device=device) > 0.3).long()
+                if packing == "mask" else None)
+        # packed rows: sequences of 3, 5, 4 tokens (positions restart at 0), or boundaries
+        pos = (torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3], device=device).repeat(batch, 1)
+               if packing == "positions" else None)
+        cu = (torch.tensor([0, 4, 4, 11, 15], dtype=torch.int32, device=device)
+              if packing == "cu" else None)
         seed = int(torch.randint(0, 2**62, ()))
         alpha = 5.0
         got = noisy_embedding(ids, weight, noise=noise, alpha=alpha, symmetric=symmetric,
-                              attention_mask=mask, seed=seed, backend=backend)
-        tok_mag = None if mask is None else reference.token_scale(alpha, d, seq_len=length,
-                                                                   attention_mask=mask)
+                              attention_mask=mask, position_ids=pos, cu_seqlens=cu, seed=seed,
+                              backend=backend)
+        tok_mag = None if packing is None else reference.token_scale(
+            alpha, d, ids.numel(), length, attention_mask=mask, position_ids=pos, cu_seqlens=cu)
         mag = reference.noise_scale(alpha, length, d)
         want = reference.noisy_embedding(ids.reshape(-1), weight, noise=noise, mag=mag,
                                          tok_mag=tok_mag, seed=seed, symmetric=symmetric)

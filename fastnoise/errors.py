@@ -2,10 +2,11 @@
 
 A forward cannot check its ids (or packing boundaries) on the host without reading them back,
 one device sync per call. So the kernels check them: an out-of-range id gets a NaN output row
-(never an out-of-bounds read) and is recorded in a small per-device int64 buffer (contract C1:
-``[code, value, bound, 0]``, code 1 = bad token id); invalid ``cu_seqlens`` / negative
-``position_ids`` are recorded by the op layer with device-side tensor ops (codes 2 and 3) and
-make the per-token scale NaN.
+(never an out-of-bounds read) and is recorded in a small per-device int64 buffer (contract C1 of
+:mod:`fastnoise.reference`: ``[code, value, bound, 0]``, code 1 = bad token id); invalid
+``cu_seqlens`` / negative ``position_ids`` (codes 2 and 3) make the per-token scale NaN and are
+recorded by the op that computes the scale (inside the C++ op; with device-side tensor ops for
+the Python backends).
 
 When the error surfaces:
 
@@ -31,7 +32,7 @@ from typing import Dict, List, Optional
 import torch
 
 __all__ = ["DeviceError", "BadTokenIdError", "BadPackingError", "check_errors", "error_buffer",
-           "after_call", "poll", "record_invalid_packing"]
+           "after_call", "poll", "record_invalid_packing", "add_buffer_listener"]
 
 #: codes of error[0]
 BAD_ID, BAD_CU_SEQLENS, BAD_POSITION_IDS = 1, 2, 3
@@ -62,40 +63,92 @@ def _message(code: int, value: int, bound: int, where: str) -> str:
 
 
 class _DeviceState:
+    """The error buffer of one device and the asynchronous copies of it (CUDA)."""
+
     def __init__(self, device: torch.device):
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                capturing = torch.cuda.is_current_stream_capturing()
+            if capturing:
+                # torch.zeros would be recorded into the graph and never run eagerly: later
+                # checks would read garbage and every replay would clear eager records
+                raise RuntimeError(
+                    f"fastnoise: the first fastnoise call on {device} is inside a CUDA graph "
+                    "capture; make one call (or build the NoisyEmbedding / patch the model "
+                    "with its weight on that device) before capturing")
         self.device = device
         self.buffer = torch.zeros(4, dtype=torch.int64, device=device)
+        # a CPU buffer is read through a NumPy view: ~0.1 us, where .tolist() takes ~1 us
+        self.host_view = _numpy_view(self.buffer) if device.type == "cpu" else None
         # (pinned host copy, event) of each call whose copy has not been looked at yet
         self.pending: List[tuple] = []
+        # copies queued before an error was reported: ignored, and reused once complete
+        self.retired: List[tuple] = []
         self.spare: List[tuple] = []
+        for listener in _LISTENERS:
+            listener(self.buffer)
+
+    def take_spare(self):
+        """A (pinned host buffer, event) pair no copy is in flight into."""
+        if self.retired:
+            done = [entry for entry in self.retired if entry[1].query()]
+            self.retired = [entry for entry in self.retired if not entry[1].query()]
+            self.spare.extend(done)
+        if self.spare:
+            return self.spare.pop()
+        return torch.empty(4, dtype=torch.int64, pin_memory=True), torch.cuda.Event()
+
+
+def _numpy_view(buffer: torch.Tensor):
+    try:
+        return buffer.numpy()
+    except Exception:  # torch without NumPy: read the tensor itself
+        return buffer
 
 
 _STATES: Dict[torch.device, _DeviceState] = {}
+#: called with each new device buffer (fastnoise.extension registers it with the C++ ops)
+_LISTENERS: List = []
+
+
+def add_buffer_listener(listener) -> None:
+    """Call ``listener(buffer)`` for every error buffer, made or to be made."""
+    _LISTENERS.append(listener)
+    for state in _STATES.values():
+        listener(state.buffer)
 
 
 def _state(device: torch.device) -> _DeviceState:
     state = _STATES.get(device)
     if state is None:
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-            return _state(device)
+            return _state(torch.device("cuda", torch.cuda.current_device()))
         state = _STATES[device] = _DeviceState(device)
     return state
 
 
 def error_buffer(device: torch.device) -> torch.Tensor:
-    """The int64 (4,) error buffer of ``device`` that the kernels record into."""
+    """The int64 (4,) error buffer of ``device`` that the kernels record into, made on first
+    use, which must be outside a CUDA graph capture (the modules and patch make it when
+    they settle their calls)."""
     return _state(device).buffer
 
 
 def _raise_from(state: _DeviceState, values, where: str) -> None:
+    """Raise the error in ``values`` (a copy of the buffer), once.
+
+    What is guaranteed: an error is raised once, by the first check that sees it. After the
+    report the device buffer is zeroed, ordered on the current stream, and the copies still
+    in flight (queued before the report) are retired: their values are never read and their
+    host buffers are reused only once their copy has completed. Kernels on another stream
+    that record an error while the buffer is being zeroed may lose that record; fastnoise's
+    own calls of one training step run on one stream."""
     code, value, bound = int(values[0]), int(values[1]), int(values[2])
     if code == 0:
         return
-    state.buffer.zero_()  # reported once
-    for host, _ in state.pending:
-        host.zero_()
-    state.pending.clear()
+    state.buffer.zero_()
+    state.retired.extend(state.pending)
+    state.pending = []
     kind = BadTokenIdError if code == BAD_ID else BadPackingError
     raise kind(_message(code, value, bound, where))
 
@@ -103,13 +156,13 @@ def _raise_from(state: _DeviceState, values, where: str) -> None:
 def after_call(device: torch.device) -> None:
     """After a call's kernels are queued: CPU, report at once; CUDA, queue the async copy."""
     state = _state(device)
-    if state.device.type != "cuda":
-        _raise_from(state, state.buffer.tolist(), "found in this call")
+    if state.host_view is not None:
+        if state.host_view[0]:
+            _raise_from(state, state.buffer.tolist(), "found in this call")
         return
     if torch.cuda.is_current_stream_capturing():
         return  # the buffer keeps the record for the next eager call / check_errors()
-    host, event = state.spare.pop() if state.spare else (
-        torch.empty(4, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
+    host, event = state.take_spare()
     with torch.cuda.device(state.device):
         host.copy_(state.buffer, non_blocking=True)
         event.record()
@@ -130,8 +183,9 @@ def poll(device: torch.device) -> None:
         return
     finished, state.pending = state.pending[:done], state.pending[done:]
     last = finished[-1][0]  # the buffer is sticky: the newest finished copy holds all
+    values = last.tolist()
     state.spare.extend(finished)
-    _raise_from(state, last.tolist(), "found by the kernel of an earlier fastnoise call on "
+    _raise_from(state, values, "found by the kernel of an earlier fastnoise call on "
                 f"{state.device}")
 
 
@@ -143,16 +197,19 @@ def check_errors(device: Optional[torch.device] = None) -> None:
     for state in states:
         if state.device.type == "cuda":
             torch.cuda.synchronize(state.device)
-            state.spare.extend(state.pending)
-            state.pending = []
+            state.spare.extend(state.pending + state.retired)
+            state.pending, state.retired = [], []
         _raise_from(state, state.buffer.tolist(), f"found on {state.device}")
 
 
 def record_invalid_packing(device: torch.device, valid: torch.Tensor, code: int,
                            bound: int) -> None:
     """Record ``code`` in the device's buffer where the 0-d bool ``valid`` is False, with
-    device-side ops only (no host sync); an earlier record is kept."""
+    device-side ops only (no host sync, nothing copied from the host: the scalars are
+    kernel arguments); an earlier record is kept. The C++ ops record inside the op."""
     buffer = _state(device).buffer
     fresh = (~valid.to(buffer.device)) & (buffer[0] == 0)
-    update = torch.tensor([code, 0, bound, 0], dtype=torch.int64, device=buffer.device)
+    update = torch.zeros_like(buffer)
+    update[0] = code
+    update[2] = bound
     buffer.copy_(torch.where(fresh, update, buffer))

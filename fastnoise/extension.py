@@ -14,13 +14,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops import as_int64
+from . import errors
+from .ops import NOISE_CODES, as_int64, output_shape
 
 __all__ = ["CPU_BACKEND", "CUDA_BACKEND", "BUILD_HINT", "NOISE_CODES", "is_built",
            "load_error", "cuda_built", "ExtensionBackend"]
-
-#: noise kind -> the int code the ops take
-NOISE_CODES = {"uniform": 0, "gaussian": 1, "bernoulli": 2}
 
 BUILD_HINT = ("run `pip install --use-pep517 --no-build-isolation -e .` in the fastnoise "
               "checkout (needs a C++ compiler; the CUDA kernels also need nvcc and a CUDA "
@@ -64,6 +62,28 @@ if _C is not None:
     def _noisytune_fake(tensors, lam, seed, starts, stds=None):
         return None
 
+    @torch.library.register_fake("fastnoise::noisy_embedding")
+    def _noisy_embedding_fake(weight, ids, attention_mask, position_ids, cu_seqlens, noise,
+                              alpha, seed, offset, draw_seed, symmetric, padding_idx,
+                              embed_scale):
+        from .ops import check_forward_args  # the C++ op's checks, in Python
+        check_forward_args(weight, ids, attention_mask, position_ids, cu_seqlens, noise, alpha,
+                           symmetric, padding_idx)
+        return weight.new_empty(output_shape(ids, weight.shape[1], symmetric))
+
+    @torch.library.register_fake("fastnoise::noisy_embedding_backward")
+    def _noisy_embedding_backward_fake(grad_out, ids, num_weights, padding_idx, symmetric,
+                                       embed_scale):
+        from .ops import check_backward_args
+        check_backward_args(grad_out, ids, num_weights, symmetric)
+        return grad_out.new_empty((num_weights, grad_out.shape[-1]))
+
+    # the C++ ops record into the error buffers fastnoise.errors makes (outside any capture);
+    # the CPU's now, so that the op can be called directly (a CUDA device's at its first
+    # settled call: making it here would start CUDA at import)
+    errors.add_buffer_listener(torch.ops.fastnoise.set_error_buffer)
+    errors.error_buffer(torch.device("cpu"))
+
 
 class ExtensionBackend:
     """A backend over the compiled ops, for one device type ("cpu" or "cuda")."""
@@ -73,6 +93,9 @@ class ExtensionBackend:
     def __init__(self, name: str, device_type: str):
         self.name = name
         self.device_type = device_type
+        # torch.ops.fastnoise.noisy_embedding entered from eager Python without schema
+        # matching (fastnoise.ops.SettledCall calls it)
+        self.fused_entry = None if _C is None else _C.noisy_embedding
 
     def __repr__(self) -> str:
         return f"<fastnoise {self.name!r} backend (C++ extension)>"

@@ -1,10 +1,10 @@
-"""The functional API of the noisy embedding, mirroring ``torch.nn.functional``: checks,
-scale, dispatch.
+"""The functional API of the noisy embedding, mirroring ``torch.nn.functional``.
 
-The math lives in :mod:`fastnoise.reference`, the kernels in the backends, the op and its
-autograd in :mod:`fastnoise.ops`, seeds in :mod:`fastnoise.seeds`. This file validates
-arguments and turns them into what the op takes (scale, per-token scale, seed). NoisyTune's
-frontend is :mod:`fastnoise.noisytune`.
+The math lives in :mod:`fastnoise.reference`, the kernels in the backends, the ops (which
+compute the scale, draw the seed and run the kernel in one dispatch) and the settled call in
+:mod:`fastnoise.ops`. This file checks what the ops cannot (the noise name, alpha, the seed,
+padding_idx; once per distinct value) and calls the settled op. NoisyTune's frontend is
+:mod:`fastnoise.noisytune`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from typing import Optional
 
 import torch
 
-from . import errors, ops, reference
-from .backends import get_backend
+import torch.nn.functional as F
+
+from . import ops, reference
 from .seeds import check_seed
 
-__all__ = ["noisy_embedding", "METHODS", "NOISE_KINDS", "check_method", "check_noise",
-           "check_nonnegative"]
+__all__ = ["noisy_embedding", "plain_embedding", "METHODS", "NOISE_KINDS", "check_method",
+           "check_noise", "check_nonnegative"]
 
 NOISE_KINDS = reference.NOISE_KINDS
 #: method presets for NoisyEmbedding / patch: (noise kind, symmetric)
@@ -66,48 +67,6 @@ def check_finite(name: str, value) -> float:
     return float(value)
 
 
-def _check_ids(input: torch.Tensor) -> None:
-    """Type checks; the range check (a device sync) runs inside the op."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a tensor of token ids, got {type(input).__name__}")
-    if input.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"input ids must be int32 or int64, got {input.dtype}")
-
-
-def _check_weight(weight: torch.Tensor) -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (num_embeddings, embedding_dim), "
-                         f"got shape {tuple(weight.shape)}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be floating point, got {weight.dtype}")
-
-
-def _check_like_input(name: str, value, input: torch.Tensor) -> None:
-    """attention_mask / position_ids: an integer or bool tensor shaped like the ids."""
-    if value is None:
-        return
-    if not isinstance(value, torch.Tensor) or value.shape != input.shape:
-        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else value
-        raise ValueError(f"{name} must have the shape of input {tuple(input.shape)}, got {shape}")
-    if value.device != input.device:
-        raise ValueError(f"{name} is on {value.device}, input on {input.device}")
-    if value.is_floating_point() or value.is_complex():
-        raise TypeError(f"{name} must be bool or integer, got {value.dtype}")
-
-
-def _check_cu_seqlens(cu_seqlens, input: torch.Tensor) -> None:
-    """Metadata only; the values are checked on the device (no host sync)."""
-    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
-            or cu_seqlens.is_floating_point() or cu_seqlens.is_complex()
-            or cu_seqlens.dtype == torch.bool or cu_seqlens.numel() < 1):
-        raise ValueError("cu_seqlens must be a 1-D integer tensor of sequence boundaries "
-                         "[0, len_0, len_0 + len_1, ..., input.numel()]")
-    if cu_seqlens.device != input.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, input on {input.device}")
-
-
 def check_padding_idx(padding_idx, num_embeddings: int) -> Optional[int]:
     """None, or an int in [-V, V) normalised to [0, V) (as nn.Embedding)."""
     if padding_idx is None:
@@ -125,27 +84,31 @@ def check_padding_idx(padding_idx, num_embeddings: int) -> Optional[int]:
     return padding_idx % num_embeddings
 
 
-def _packing_scale(input, alpha, d, length, attention_mask, position_ids, cu_seqlens):
-    """The per-token scale (N,) for masks and packed rows, with the packing inputs' values
-    checked on the device: invalid ones make the scale NaN and are recorded for
-    :mod:`fastnoise.errors` (raised at once on the CPU, by a later call on CUDA)."""
-    n = input.numel()
-    segments, n_segments, valid, code = None, None, None, 0
-    if cu_seqlens is not None:
-        segments = reference.segments_from_cu_seqlens(cu_seqlens, n)
-        n_segments = cu_seqlens.numel() - 1
-        valid, code = reference.packing_is_valid(n, cu_seqlens=cu_seqlens), errors.BAD_CU_SEQLENS
-    elif position_ids is not None:
-        segments = reference.segments_from_position_ids(position_ids)
-        valid = reference.packing_is_valid(n, position_ids=position_ids)
-        code = errors.BAD_POSITION_IDS
-    tok_mag = reference.token_scale(alpha, d, seq_len=length, attention_mask=attention_mask,
-                                    segments=segments, n_segments=n_segments, valid=valid)
-    if valid is not None and not torch.compiler.is_compiling():
-        errors.record_invalid_packing(input.device, valid, code, n)
-        if input.device.type == "cpu":
-            errors.after_call(input.device)
-    return tok_mag
+def plain_embedding(input: torch.Tensor, weight: torch.Tensor, padding_idx: Optional[int] = None,
+                    embed_scale: float = 1.0) -> torch.Tensor:
+    """The noise-free lookup: exactly ``F.embedding`` (times a scaled embedding's factor, in
+    the weight's dtype, as the model's own scaled embedding computes it)."""
+    out = F.embedding(input, weight, padding_idx)
+    if embed_scale != 1.0:
+        out = out * ops.round_embed_scale(float(embed_scale), out.dtype)
+    return out
+
+
+_SETTINGS: dict = {}
+
+
+def _settings(noise, alpha, embed_scale):
+    """(noise code, alpha, embed_scale) checked: once per distinct value (a dict hit after)."""
+    key = (noise, alpha, embed_scale)
+    try:
+        return _SETTINGS[key]
+    except (KeyError, TypeError):  # new, or unhashable (the checks below say what is wrong)
+        pass
+    settings = (ops.NOISE_CODES[check_noise(noise)], check_nonnegative("alpha", alpha),
+                check_finite("embed_scale", embed_scale))
+    if len(_SETTINGS) < 4096 and not torch.compiler.is_compiling():
+        _SETTINGS[key] = settings
+    return settings
 
 
 # --------------------------------------------------------------------------------------
@@ -157,7 +120,7 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
                     padding_idx: Optional[int] = None, seed: Optional[int] = None,
                     backend: str = "auto", position_ids: Optional[torch.Tensor] = None,
                     cu_seqlens: Optional[torch.Tensor] = None,
-                    embed_scale: float = 1.0) -> torch.Tensor:
+                    embed_scale: float = 1.0, training: bool = True) -> torch.Tensor:
     """Embedding lookup plus NEFTune-style noise, fused: ``weight[input] + mag * xi``.
 
     Args:
@@ -181,48 +144,26 @@ def noisy_embedding(input: torch.Tensor, weight: torch.Tensor, *, noise: str = "
         embed_scale: a scaled embedding's factor (Gemma: sqrt(d)): the rows are multiplied
             by it in the weight's dtype, as the model's own embedding does, and the noise is
             added to the scaled rows (where the Hugging Face hook adds it). Fused in the kernel.
+        training: as ``F.dropout``'s: False returns the plain embedding (no noise, no pair).
 
     Returns:
         (*input.shape, d), or with ``symmetric`` (2 * input.shape[0], *input.shape[1:], d).
-    """
-    _check_weight(weight)
-    noise = check_noise(noise)
-    alpha = check_nonnegative("alpha", alpha)
-    seed = check_seed(seed)
-    embed_scale = check_finite("embed_scale", embed_scale)
-    _check_ids(input)
-    if input.device != weight.device:
-        raise ValueError(f"input is on {input.device} but weight is on {weight.device}")
-    padding_idx = check_padding_idx(padding_idx, weight.shape[0])
-    d = weight.shape[1]
-    _check_like_input("attention_mask", attention_mask, input)
-    _check_like_input("position_ids", position_ids, input)
-    if cu_seqlens is not None:
-        if position_ids is not None:
-            raise ValueError("pass position_ids or cu_seqlens, not both: each defines the "
-                             "packed sequences")
-        _check_cu_seqlens(cu_seqlens, input)
-    if backend != "auto":
-        get_backend(backend)  # an unknown name fails here; availability inside the op
-    if symmetric:
-        if input.dim() == 0:
-            raise ValueError("symmetric=True needs at least one dimension to double")
-        out_shape = (2 * input.shape[0],) + tuple(input.shape[1:]) + (d,)
-    else:
-        out_shape = tuple(input.shape) + (d,)
 
-    length = input.shape[-1] if input.dim() > 0 else 1  # a symbolic size under compile
-    tok_mag = None
-    if attention_mask is not None or position_ids is not None or cu_seqlens is not None:
-        tok_mag = _packing_scale(input, alpha, d, length, attention_mask, position_ids,
-                                 cu_seqlens)
-    ids = input.reshape(-1)
-    if not ids.is_contiguous():
-        ids = ids.contiguous()
-    if d > 1 and weight.stride(1) != 1:
-        weight = weight.contiguous()
-    out = ops.call_noisy_embedding(weight, ids, tok_mag, noise, alpha, length,
-                                   ops.as_int64(seed or 0), 0, seed is None, symmetric,
-                                   -1 if padding_idx is None else padding_idx, backend,
-                                   embed_scale)
-    return out.view(out_shape)
+    The backend is resolved once per (backend, device, dtype) and kept; the scale, the seed and
+    the lookup run inside one op (the C++ op for "cpu"/"cuda", one dispatch with its autograd
+    in C++), which checks the tensors' metadata and never reads their data on the host.
+    """
+    if not training:
+        return plain_embedding(input, weight, padding_idx, embed_scale)
+    code, alpha, embed_scale = _settings(noise, alpha, embed_scale)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a tensor of token ids, got {type(input).__name__}")
+    call = ops.settle(backend, weight.device, weight.dtype)
+    if padding_idx is not None:
+        padding_idx = check_padding_idx(padding_idx, weight.shape[0])
+    if seed is not None:
+        seed = ops.as_int64(check_seed(seed))
+    return call(weight, input, attention_mask, position_ids, cu_seqlens, code, alpha, seed,
+                bool(symmetric), -1 if padding_idx is None else padding_idx, embed_scale)

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import get_backend
+from . import ops
+from .backends import BackendUnavailableError, get_backend
 from .functional import (check_finite, check_method, check_noise, check_nonnegative,
-                         check_padding_idx, noisy_embedding)
+                         check_padding_idx, plain_embedding)
 
 __all__ = ["NoisyEmbedding", "noise_active"]
 
@@ -35,6 +36,18 @@ def _if_shaped_like(value, input):
     if isinstance(value, torch.Tensor) and value.shape == input.shape:
         return value
     return None
+
+
+def settle_early(module: "NoisyEmbedding") -> None:
+    """Settle the module's call now, when it is built or patched (outside any CUDA graph
+    capture, and not inside a compiled region's first trace). A backend that cannot run here
+    raises at the first noisy call instead, with its reason."""
+    if module.weight.is_meta:
+        return
+    try:
+        module._settle()
+    except BackendUnavailableError:
+        pass
 
 
 def check_embedding_supported(embedding: nn.Module) -> None:
@@ -100,6 +113,7 @@ class NoisyEmbedding(nn.Embedding):
         self.backend = backend
         # a scaled embedding (Gemma's sqrt(d)): rows * embed_scale in the weight's dtype
         self.embed_scale = check_finite("embed_scale", embed_scale)
+        settle_early(self)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, *, method: Optional[str] = None,
@@ -123,35 +137,54 @@ class NoisyEmbedding(nn.Embedding):
         new.weight = embedding.weight  # the same Parameter object, not a copy
         new.padding_idx = embedding.padding_idx
         new.train(embedding.training)
+        settle_early(new)
         return new
 
     def forward(self, input: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None):
-        if not noise_active(self):
-            out = F.embedding(input, self.weight, self.padding_idx)
-            if self.embed_scale != 1.0:  # exactly what the scaled embedding computes
-                out = out * torch.tensor(self.embed_scale, device=out.device).to(out.dtype)
-            return out
+        if not (self.training and torch.is_grad_enabled()):  # noise_active, inlined
+            return plain_embedding(input, self.weight, self.padding_idx, self.embed_scale)
         return self._noisy_forward(input, attention_mask, position_ids, cu_seqlens,
                                    self.embed_scale)
 
     def _noisy_forward(self, input, attention_mask, position_ids, cu_seqlens, embed_scale):
         # fastnoise.patch puts the model call's mask / packing inputs here for its duration
-        context = self.__dict__.get(_CONTEXT) or {}
-        if attention_mask is None:
-            attention_mask = _if_shaped_like(context.get("attention_mask"), input)
-        if position_ids is None and cu_seqlens is None:
-            # a varlen model call carries both; the boundaries are the exact ones (their
-            # values are checked on the device by the functional layer)
-            cu_seqlens = context.get("cu_seqlens")
-            if cu_seqlens is None:
-                position_ids = _if_shaped_like(context.get("position_ids"), input)
-        return noisy_embedding(input, self.weight, noise=self.noise, alpha=self.alpha,
-                               symmetric=self.symmetric, attention_mask=attention_mask,
-                               padding_idx=self.padding_idx, backend=self.backend,
-                               position_ids=position_ids, cu_seqlens=cu_seqlens,
-                               embed_scale=embed_scale)
+        context = self.__dict__.get(_CONTEXT)
+        if context:
+            if attention_mask is None:
+                attention_mask = _if_shaped_like(context.get("attention_mask"), input)
+            if position_ids is None and cu_seqlens is None:
+                # a varlen model call carries both; the boundaries are the exact ones (their
+                # values are checked on the device by the op)
+                cu_seqlens = context.get("cu_seqlens")
+                if cu_seqlens is None:
+                    position_ids = _if_shaped_like(context.get("position_ids"), input)
+        weight = self.weight
+        # settled once per weight device and dtype (the backend resolved, the error buffer
+        # made outside any capture); the op checks the rest
+        call = self.__dict__.get("_fastnoise_call")
+        if (call is None or call.dtype != weight.dtype or call.device != weight.device
+                or call.requested != self.backend):
+            call = self._settle()
+        padding_idx = self.padding_idx
+        return call(weight, input, attention_mask, position_ids, cu_seqlens,
+                    ops.NOISE_CODES[self.noise], self.alpha, None, self.symmetric,
+                    -1 if padding_idx is None else padding_idx, embed_scale)
+
+    def _settle(self):
+        """Resolve the backend for the weight's device and dtype, once (again only when they
+        or the backend setting change)."""
+        weight = self.weight
+        call = self.__dict__["_fastnoise_call"] = ops.settle(self.backend, weight.device,
+                                                             weight.dtype)
+        return call
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_fastnoise_call", None)  # settled again after loading
+        return state
 
     def extra_repr(self) -> str:
         scale = f", embed_scale={self.embed_scale}" if self.embed_scale != 1.0 else ""
@@ -204,7 +237,8 @@ def patched_class(cls: type) -> type:
     return new
 
 
-_SETTINGS = ("noise", "alpha", "symmetric", "backend", "_fastnoise_embed_scale")
+_SETTINGS = ("noise", "alpha", "symmetric", "backend", "_fastnoise_embed_scale",
+             "_fastnoise_call")
 
 
 def make_noisy_(embedding: nn.Embedding, *, noise: str, alpha: float, symmetric: bool,
@@ -224,6 +258,7 @@ def make_noisy_(embedding: nn.Embedding, *, noise: str, alpha: float, symmetric:
     values = dict(noise=noise, alpha=alpha, symmetric=symmetric, backend=backend,
                   _fastnoise_embed_scale=scale)
     embedding.__dict__.update(values)
+    settle_early(embedding)
     return embedding
 
 

@@ -1,10 +1,39 @@
 """Pure-PyTorch reference: the definition of every noise, every scale and every random draw.
 
 Every backend (Triton, CUDA, C++ CPU) is tested against this file. It is written for
-clarity, not speed, and runs on any device PyTorch runs on.
+clarity, not speed, and runs on any device PyTorch runs on. The contract below is the one
+statement of the rules; code elsewhere names its parts (C1 ... C5) and follows them. C4 is
+the heart: which random number each element gets, and what noise and scale it makes.
 
-Randomness contract
-===================
+C1. Errors found on the device
+==============================
+Ids out of range and invalid packing inputs are found by the kernels, never by reading data
+back on the host. A kernel never reads out of bounds: the output row of a bad id is NaN (both
+rows of a pair), and invalid packing makes the scale NaN. Each device has one int64 (4,)
+error buffer (:mod:`fastnoise.errors`): ``[code, value, bound, 0]``, code 1 = bad token id
+(value = the id, bound = V), 2 = invalid ``cu_seqlens``, 3 = negative ``position_ids``
+(bound = the token count); the value fields are written first and the code last (atomic
+exchanges on a GPU), and ids in range never touch it. The C++ CPU kernels raise on a bad id
+at once instead. :mod:`fastnoise.errors` says when a record is reported.
+
+C2. NoisyTune statistics and arithmetic
+=======================================
+``n = numel(W)``; ``std64`` is the unbiased standard deviation over the whole tensor computed
+in float64 from the exact values (any stable algorithm: backends agree to float64 rounding).
+float32/float16/bfloat16 tensors: ``s = float32(float32(lam) * float32(std64))`` and
+``W = dtype(float32(W) + (u - 0.5) * s)``; float64 tensors: ``s = lam * std64`` and
+``W = W + (float64(u) - 0.5) * s``, in float64. A tensor with ``n < 2``, or whose ``s`` is 0
+or not finite, stays unchanged (the published snippet turns such tensors into NaN).
+
+C3. The weight's gradient
+=========================
+``grad[v] = embed_scale * sum of the grad_out rows of the tokens with id v`` (a symmetric
+pair's two halves summed first, per token), accumulated in float32 (float64 for float64
+gradients) and returned in grad_out's dtype; zero for ``padding_idx`` and for ids no token
+has. The backward of the backward is the gather of those rows.
+
+C4. Randomness, noise values and scale
+======================================
 One counter-based Philox4x32-10 stream (Salmon et al., Random123) keyed by a 64-bit seed.
 It is the same function as Triton's ``tl.randint4x``/``tl.philox``:
 
@@ -15,6 +44,12 @@ It is the same function as Triton's ``tl.randint4x``/``tl.philox``:
 ``ctr`` is a 64-bit counter (arithmetic mod 2**64). Each call of an op is given a pair
 ``(seed, offset)``; the counters it uses are ``offset + k`` for ``k`` in a range that starts
 at 0, so two calls with the same seed but offsets ``o`` and ``o + used`` never share a draw.
+A call with no seed draws one from torch's default generator of the device
+(:func:`fastnoise.seeds.draw_seed`): on the CPU ``seed = torch.randint(0, 2**63 - 1, ())``
+(the C++ op draws ``random64() % (2**63 - 1)`` from the same generator: the same value) with
+offset 0; on CUDA the generator's Philox seed, and offset = its Philox offset / 4, which is
+advanced by 4 per counter used. Under torch.distributed the drawn seed is XORed with
+``rank * 0x9E3779B97F4A7C15`` (rank-distinct noise; :func:`fastnoise.set_rank_distinct_noise`).
 
 Noisy embedding. The input ids, flattened in C order, are the token rows ``r = 0 .. N-1``;
 the embedding dimension is ``d``; columns are ``j = 0 .. d-1``.
@@ -27,7 +62,14 @@ the embedding dimension is ``d``; columns are ``j = 0 .. d-1``.
 * A call uses ``N * G`` counters (:func:`counters_used`). With ``symmetric=True`` the
   pair ``e + n`` and ``e - n`` shares the same ``n``, so the count does not double.
 
-Words to numbers (float32 throughout, each operation rounded once, no fused multiply-add):
+NoisyTune. Tensors are taken in the order given (a module's parameters in
+``named_parameters()`` order, each once). Tensor ``t`` starts at counter
+``offset + sum(ceil(numel(s) / 4) for s before t)``; its flat (C-order) element ``i`` uses
+counter ``start_t + i // 4`` and word ``i % 4``, as ``uniform01``. Skipped tensors still take
+their counters, so the noise of a tensor depends only on its position.
+
+Noise values. Words to numbers (float32 throughout, each operation rounded once, no fused
+multiply-add):
 
 * ``uniform01(w)``: ``v = w if w < 2**31 else (~w & 0x7FFFFFFF)``;
   ``u = float32(v) * float32(4.6566127342e-10)`` in [0, 1) (Triton's ``uint_to_uniform_float``).
@@ -38,33 +80,24 @@ Words to numbers (float32 throughout, each operation rounded once, no fused mult
   Backends may use faster log/sqrt/sin/cos: Gaussian noise agrees to ~1e-6, not bit for bit.
 * bernoulli noise ``xi = 1 - 2 * bit`` (bit 0 -> +1, bit 1 -> -1).
 
-NoisyTune. Tensors are taken in the order given (a module's parameters in
-``named_parameters()`` order, each once). Tensor ``t`` starts at counter
-``offset + sum(ceil(numel(s) / 4) for s before t)``; its flat (C-order) element ``i`` uses
-counter ``start_t + i // 4`` and word ``i % 4``, as ``uniform01``. Skipped tensors still take
-their counters, so the noise of a tensor depends only on its position.
-
-Scale. ``mag = float32(alpha / sqrt(L * d))`` computed in float64 and rounded once (0 when
-``L * d == 0``). ``L`` is the padded length (last dim of the ids); for packed rows, each
-segment's length (segments start where ``position_ids`` is 0, or at ``cu_seqlens``
-boundaries; empty segments are allowed); with an ``attention_mask``, only nonzero mask
-entries count, and masked tokens and sequences of length 0 get ``mag = 0``. Invalid
-``cu_seqlens`` (not rising from 0 to the token count) or negative ``position_ids`` give every
-token ``mag = NaN`` (found on the device, so no host sync; the frontend reports it). Output:
+Scale and output. ``mag = float32(alpha / sqrt(L * d))`` computed in float64 and rounded once
+(0 when ``L * d == 0``). ``L`` is the padded length (last dim of the ids; 1 for a 0-d id); for packed
+rows, each sequence's length (:func:`segment_starts`: sequences start at each row, and where
+``position_ids`` is 0, or at ``cu_seqlens`` boundaries; empty sequences are allowed); with an
+``attention_mask``, only nonzero mask entries count, and masked tokens and sequences of
+length 0 get ``mag = 0`` (:func:`token_scale`). Invalid ``cu_seqlens`` (not rising from 0 to
+the token count) or negative ``position_ids`` give every token ``mag = NaN`` (found on the
+device, so no host sync; reported as C1 says). Output:
 ``out = dtype(float32(e) + float32(xi * mag))`` (and ``e - n`` for the second half of a
 symmetric pair); float64 weights add in float64. A scaled embedding (Gemma: ``embed_scale``,
-rounded to the weight's dtype) first rounds ``e = dtype(e * embed_scale)``, then adds the
-noise; its gradient is ``embed_scale * grad``, accumulated in float32 (float64 for float64
-gradients).
+rounded to the weight's dtype through float32) first rounds ``e = dtype(e * embed_scale)``,
+then adds the noise.
 
-NoisyTune statistics and arithmetic: ``n = numel(W)``; ``std64`` is the unbiased standard
-deviation over the whole tensor computed in float64 from the exact values (any stable
-algorithm: backends agree to float64 rounding). float32/float16/bfloat16 tensors:
-``s = float32(float32(lam) * float32(std64))`` and ``W = dtype(float32(W) + (u - 0.5) * s)``;
-float64 tensors: ``s = lam * std64`` and ``W = W + (float64(u) - 0.5) * s``, in float64. A
-tensor with ``n < 2``, or whose ``s`` is 0 or not finite, stays unchanged (the published
-snippet turns such tensors into NaN). Sharded parameters pass the full tensor's ``std64``
-(``stds``) instead of computing it from their shard.
+C5. Sharded NoisyTune
+=====================
+Sharded parameters pass the full tensor's ``std64`` (``stds``, one per tensor) instead of
+computing it from their shard (C2); every element gets the counter and the noise it gets
+unsharded (C4).
 """
 
 from __future__ import annotations
@@ -78,7 +111,7 @@ __all__ = [
     "PHILOX_KEY_A", "PHILOX_KEY_B", "PHILOX_ROUND_A", "PHILOX_ROUND_B",
     "WORDS_PER_COUNTER", "ELEMENTS_PER_COUNTER", "counters_per_row", "counters_used",
     "philox4x32", "uniform01", "noise_words", "draw_noise", "noise_scale", "token_scale",
-    "segments_from_position_ids", "segments_from_cu_seqlens",
+    "segment_starts",
     "noisy_embedding", "embedding_backward", "noisytune_offsets", "noisytune_",
     "uniform01_at", "noisytune_shard_", "noisytune_scale", "std64", "accumulation_dtype",
     "packing_is_valid",
@@ -238,23 +271,29 @@ def round_to_float32(x: float) -> float:
     return round_to_dtype(x, torch.float32)
 
 
-def segments_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Flat segment index of each token of packed rows: a segment starts at each
-    ``position_ids == 0`` and at the start of every row."""
-    starts = position_ids.reshape(-1, position_ids.shape[-1]) == 0
-    starts[:, 0] = True
-    return torch.cumsum(starts.reshape(-1).long(), 0) - 1
-
-
-def segments_from_cu_seqlens(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Flat segment index of each token from flash-attention style boundaries
-    ``cu_seqlens = [0, len_0, len_0 + len_1, ..., n_tokens]`` (empty sequences allowed):
-    token t is in the last segment whose start is <= t. Always in [0, S) for S =
-    len(cu_seqlens) - 1 segments, also for invalid boundaries (no out-of-bounds index;
-    :func:`packing_is_valid` tells them apart)."""
-    tokens = torch.arange(n_tokens, device=cu_seqlens.device, dtype=torch.int64)
-    segments = torch.searchsorted(cu_seqlens.to(torch.int64).contiguous(), tokens, right=True) - 1
-    return segments.clamp_(0, max(cu_seqlens.numel() - 2, 0))
+def segment_starts(n_tokens: int, seq_len: int, position_ids: Optional[torch.Tensor] = None,
+                   cu_seqlens: Optional[torch.Tensor] = None,
+                   device=None) -> torch.Tensor:
+    """Bool (N,): where a sequence starts among the flat tokens. Without packing, at each row
+    start (every ``seq_len`` tokens); with ``position_ids``, also wherever they are 0; with
+    ``cu_seqlens``, where the segment changes (token t is in the last segment whose start is
+    <= t, clamped to the valid range, so invalid boundaries never index out of bounds; empty
+    segments hold no token)."""
+    if cu_seqlens is not None:
+        tokens = torch.arange(n_tokens, device=cu_seqlens.device, dtype=torch.int64)
+        cu = cu_seqlens.to(torch.int64).contiguous()
+        segments = (torch.searchsorted(cu, tokens, right=True) - 1).clamp_(
+            0, max(cu.numel() - 2, 0))
+        starts = torch.ones(n_tokens, dtype=torch.bool, device=cu.device)
+        starts[1:] = segments[1:] != segments[:-1]
+        return starts
+    if position_ids is not None:
+        device = position_ids.device
+    starts = torch.zeros(n_tokens, dtype=torch.bool, device=device)
+    if position_ids is not None:
+        starts |= position_ids.reshape(-1) == 0
+    starts[::max(seq_len, 1)] = True
+    return starts
 
 
 def packing_is_valid(n_tokens: int, cu_seqlens: Optional[torch.Tensor] = None,
@@ -272,35 +311,35 @@ def packing_is_valid(n_tokens: int, cu_seqlens: Optional[torch.Tensor] = None,
     return torch.ones((), dtype=torch.bool)
 
 
-def token_scale(alpha: float, d: int, *, seq_len: int,
+def token_scale(alpha: float, d: int, n_tokens: int, seq_len: int, *,
                 attention_mask: Optional[torch.Tensor] = None,
-                segments: Optional[torch.Tensor] = None, n_segments: Optional[int] = None,
-                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-token float32 mag, flattened (N,).
+                position_ids: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token float32 mag of the flat tokens (N,): ``alpha / sqrt(L * d)`` in float64,
+    rounded once, with L the count of kept tokens of the token's sequence (sequences:
+    :func:`segment_starts`; kept: every token, or the nonzero ``attention_mask`` entries).
+    Masked tokens and sequences with L == 0 get 0. Invalid packing inputs
+    (:func:`packing_is_valid`) make every entry NaN.
 
-    L is the length of the token's sequence: by default each row of ``seq_len`` tokens,
-    or the packed segment given by ``segments`` (flat segment index per token, in
-    ``[0, n_segments)``; ``n_segments`` defaults to N). With an ``attention_mask`` L counts
-    only the nonzero mask entries and masked tokens get 0; a sequence with L == 0 gets 0 (no
-    division by zero). ``valid`` (a 0-d bool tensor, :func:`packing_is_valid`) False makes
-    every entry NaN.
-    """
-    if attention_mask is not None:
-        keep = (attention_mask != 0).reshape(-1)
-    else:
-        n = segments.numel() if segments is not None else None
-        # on the segments' device: a host-to-device copy is illegal under CUDA graph capture
-        keep = torch.ones(n, dtype=torch.bool, device=segments.device) if n is not None else None
-    if segments is None:
-        segments = torch.arange(keep.numel(), device=keep.device) // seq_len
-    keep = keep.to(segments.device)
-    # the table's size is known without a sync: N, or the number of cu_seqlens segments
-    size = segments.numel() if n_segments is None else n_segments
-    lengths = torch.zeros(max(size, 1), dtype=torch.float64, device=segments.device)
-    lengths.index_add_(0, segments, keep.to(torch.float64))
-    mag = float(alpha) / torch.sqrt(lengths[segments] * float(d))  # inf where L == 0: masked
-    mag = torch.where(keep, mag, torch.zeros((), dtype=torch.float64, device=mag.device))
-    if valid is not None:
+    Written with scans and gathers only (no scatter), so it needs no table sized by the
+    data."""
+    device = next((t.device for t in (attention_mask, position_ids, cu_seqlens)
+                   if t is not None), None)
+    starts = segment_starts(n_tokens, seq_len, position_ids, cu_seqlens, device)
+    keep = (torch.ones(n_tokens, dtype=torch.bool, device=starts.device)
+            if attention_mask is None else (attention_mask != 0).reshape(-1))
+    index = torch.arange(n_tokens, device=starts.device)
+    first = torch.cummax(torch.where(starts, index, 0), 0).values  # the sequence's first token
+    after = torch.where(starts, index, n_tokens)  # the next sequence's first token, past t
+    after = torch.cat([torch.cummin(after.flip(0), 0).values.flip(0)[1:],
+                       torch.full((min(n_tokens, 1),), n_tokens, device=starts.device)])
+    kept = torch.cat([torch.zeros(1, dtype=torch.int64, device=starts.device),
+                      torch.cumsum(keep.to(torch.int64), 0)])  # kept[t] = kept tokens before t
+    length = (kept[after] - kept[first]).to(torch.float64)
+    mag = torch.where(keep & (length > 0), float(alpha) / torch.sqrt(length * float(d)),
+                      torch.zeros((), dtype=torch.float64, device=starts.device))
+    if position_ids is not None or cu_seqlens is not None:
+        valid = packing_is_valid(n_tokens, cu_seqlens=cu_seqlens, position_ids=position_ids)
         mag = torch.where(valid.to(mag.device), mag,
                           torch.full((), math.nan, dtype=torch.float64, device=mag.device))
     return mag.to(torch.float32)

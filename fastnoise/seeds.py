@@ -47,10 +47,15 @@ def rank_seed_mask() -> int:
     """What the seed is XORed with to make noise rank-distinct: 0 on rank 0, outside
     torch.distributed, or after ``set_rank_distinct_noise(False)``; used by the host-drawn
     and the device-drawn (CUDA graph) seeds alike."""
-    dist = torch.distributed
-    if _RANK_DISTINCT[0] and dist.is_available() and dist.is_initialized():
-        return (dist.get_rank() * 0x9E3779B97F4A7C15) % _U64  # golden-ratio odd multiplier
+    if _RANK_DISTINCT[0] and _dist_initialized():
+        mask = (torch.distributed.get_rank() * 0x9E3779B97F4A7C15) % _U64  # golden ratio, odd
+        return mask - _U64 if mask >= 1 << 63 else mask  # int64 bits: what the ops take
     return 0
+
+
+# every seed-drawing call asks this (~0.1 us); False where torch has no distributed support
+_dist_initialized = (torch.distributed.is_initialized if torch.distributed.is_available()
+                     else (lambda: False))
 
 
 def draw_seed(device: torch.device, counters: int, rank_distinct: bool = False):
@@ -64,7 +69,7 @@ def draw_seed(device: torch.device, counters: int, rank_distinct: bool = False):
     """
     seed, offset = _draw_seed(device, counters)
     if rank_distinct:
-        seed ^= rank_seed_mask()
+        seed ^= rank_seed_mask() % _U64
     return seed, offset
 
 

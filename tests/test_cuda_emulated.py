@@ -13,6 +13,7 @@ preloaded: test_under_sanitizers runs part of this file that way, in a subproces
 
 import ctypes
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ EMU_DIR = ROOT / "tests" / "cuda_emu"
 # every file the harness compiles, relative to the repository root
 SOURCES = ["tests/cuda_emu/cuda_emu.h", "tests/cuda_emu/harness.cpp",
            "csrc/cuda/device_utils.cuh", "csrc/cuda/embedding_kernels.cuh",
+           "csrc/cuda/token_scale_kernels.cuh",
            "csrc/cuda/noisytune_kernels.cuh", "csrc/noise.h", "csrc/philox.h"]
 SANITIZE = os.environ.get("FASTNOISE_EMU_SANITIZE", "0") not in ("", "0")
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
@@ -99,7 +101,7 @@ class Emulator:
         self.lib = ctypes.CDLL(str(path))
         c = ctypes
         ops = {"embedding": ["emu_embedding_forward", "emu_backward_sorted",
-                             "emu_backward_atomic", "emu_plan_forward_vec"],
+                             "emu_backward_atomic", "emu_plan_forward_vec", "emu_token_scale"],
                "noisytune": ["emu_noisytune"]}
         if only is not None:  # a one-op build: give the other op's entry points no types
             for name in ops["noisytune" if only == "embedding" else "embedding"]:
@@ -108,8 +110,10 @@ class Emulator:
         self.lib.emu_last_error.restype = c.c_char_p
         self.lib.emu_configure.argtypes = [c.c_int, u64, c.c_int]
         self.lib.emu_embedding_forward.argtypes = [
-            c.c_int, p, i64, i64, p, i64, i64, p, i64, i64, c.c_float, p, u64, u64, p, c.c_int,
-            dbl, p]
+            c.c_int, p, i64, i64, p, i64, i64, p, i64, i64, c.c_float, p, u64, u64, p, p, u64,
+            u64, c.c_int, dbl, p]
+        self.lib.emu_token_scale.argtypes = [i64, i64, i64, dbl, p, c.c_int, p, c.c_int, p,
+                                             c.c_int, i64, p, p, p]
         self.lib.emu_backward_sorted.argtypes = [i64, p, p, p, i64, i64, i64, i64, c.c_int,
                                                  dbl, p]
         self.lib.emu_backward_atomic.argtypes = [i64, c.c_int, p, p, i64, i64, i64, i64,
@@ -132,7 +136,9 @@ class Emulator:
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag=None, seed=0,
                           offset=0, symmetric=False, embed_scale=1.0, seed_tensor=None,
-                          error=None):
+                          offset_tensor=None, offset_add=0, xor_mask=0, error=None):
+        """seed_tensor alone: its seed, counter offset 0; with offset_tensor: the CUDA
+        generator's captured Philox state (seed XOR xor_mask, counter (offset + add) / 4)."""
         V, d = weight.shape
         w_stride = weight.stride(0) if V > 1 else d  # as embedding.cu
         assert ids.is_contiguous() and out.is_contiguous()
@@ -140,8 +146,28 @@ class Emulator:
             int(ids.dtype == torch.int32), ids.data_ptr(), ids.numel(), DTYPE_CODE[weight.dtype],
             weight.data_ptr(), w_stride, V, out.data_ptr(), d, NOISE_CODE[noise], mag,
             self._ptr(tok_mag), seed & U64, offset & U64, self._ptr(seed_tensor),
-            int(symmetric), embed_scale, self._ptr(error)))
+            self._ptr(offset_tensor), offset_add & U64, xor_mask & U64, int(symmetric),
+            embed_scale, self._ptr(error)))
         return out
+
+    def token_scale(self, shape, d, alpha, *, mask=None, positions=None, cu=None, error=None):
+        """noisy_embedding.cu's per-token scale of ids of this shape: (mag, scratch)."""
+        n = math.prod(shape)
+        row = shape[-1] if shape else 1
+        mag = torch.full((n,), float("-inf"))  # poisoned
+        cu_len = 0 if cu is None else cu.numel()
+        scratch = torch.full((max(n, cu_len, 1),), -7, dtype=torch.int32)
+
+        def ref(t):
+            if t is None:
+                return None, 8
+            t = t.contiguous()
+            return t, -1 if t.dtype == torch.int8 else t.element_size()
+        (mask, mb), (positions, pb), (cu, cb) = ref(mask), ref(positions), ref(cu)
+        self._check(self.lib.emu_token_scale(
+            n, row, d, alpha, self._ptr(mask), mb, self._ptr(positions), pb, self._ptr(cu), cb,
+            cu_len, mag.data_ptr(), scratch.data_ptr(), self._ptr(error)))
+        return mag
 
     def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx=None,
                            symmetric=False, deterministic=True, embed_scale=1.0):
@@ -350,6 +376,99 @@ def test_forward_seed_from_device_tensor(emu, noise, dtype):
                                    atol=2e-6 if dtype == torch.float32 else None)
     else:
         assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("noise", ["uniform", "bernoulli"])
+def test_forward_seed_from_the_captured_generator_state(emu, noise):
+    """Under CUDA graph capture the op passes the CUDA generator's Philox state as device
+    pointers: the seed (XOR the rank's mask) and the counter offset (offset + intragraph) / 4
+    are read when the kernel runs, so every replay draws what the advanced state says."""
+    V, d, n = 9, 200, 7
+    weight = torch.randn(V, d)
+    ids = torch.randint(0, V, (n,))
+    seed, mask = _rand_u64(), _rand_u64()
+    as64 = lambda v: v - (1 << 64) if v >= (1 << 63) else v  # noqa: E731
+    seed_tensor = torch.tensor([as64(seed)])
+    offset_tensor = torch.tensor([4 * 1000])
+    out = _poisoned(n, d, torch.float32)
+    emu.embedding_forward(ids, weight, out, noise=noise, mag=0.3, seed=1, offset=2,
+                          seed_tensor=seed_tensor, offset_tensor=offset_tensor, offset_add=4 * 24,
+                          xor_mask=mask)
+    ref = R.noisy_embedding(ids, weight, noise=noise, mag=0.3, seed=seed ^ mask, offset=1024)
+    assert torch.equal(out, ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-token scale (token_scale_kernels.cuh)
+# ---------------------------------------------------------------------------------------
+def _packing_case(kind, batch, length, mask_dtype=torch.long):
+    """(mask, positions, cu_seqlens) of a random packing of this kind."""
+    n = batch * length
+    mask = positions = cu = None
+    if "mask" in kind:
+        mask = (torch.rand(batch, length) > 0.3).to(mask_dtype)
+        mask[0] = 0  # a fully masked row: L = 0
+    if "positions" in kind:
+        starts = torch.rand(batch, length) < 0.15
+        starts[:, 0] = True
+        idx = torch.arange(length).repeat(batch, 1)
+        first = torch.cummax(torch.where(starts, idx, 0), dim=1).values
+        positions = idx - first
+    if "cu" in kind:
+        cuts = torch.sort(torch.randint(0, n + 1, (5,))).values
+        cu = torch.cat([torch.tensor([0]), cuts, cuts[2:3], torch.tensor([n])]).sort().values
+        cu = cu.to(torch.int32)
+    return mask, positions, cu
+
+
+@pytest.mark.parametrize("kind", ["mask", "positions", "mask+positions", "cu", "mask+cu"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 600), (1, 1100), (70, 3)], ids=str)
+def test_token_scale_matches_the_reference(emu, kind, shape):
+    """Rows longer than a block (600, 1100 > 256 threads: chunks with carries), many rows,
+    one token; every order of blocks and threads."""
+    batch, length = shape
+    mask, positions, cu = _packing_case(kind, batch, length)
+    d, alpha = 48, 3.5
+    ref = R.token_scale(alpha, d, batch * length, length, attention_mask=mask,
+                        position_ids=positions, cu_seqlens=cu)
+    for order, order_seed in _orders():
+        emu.configure(order, order_seed, sms=2)
+        error = torch.zeros(4, dtype=torch.int64)
+        got = emu.token_scale(shape, d, alpha, mask=mask, positions=positions, cu=cu,
+                              error=error)
+        assert torch.equal(got, ref), (order, (got - ref).abs().max())
+        assert not error.any()
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int8, torch.int16,
+                                        torch.int32], ids=str)
+def test_token_scale_reads_every_integer_dtype(emu, mask_dtype):
+    mask, positions, _ = _packing_case("mask+positions", 3, 40, mask_dtype)
+    positions = positions.to(torch.int32)
+    ref = R.token_scale(2.0, 16, 120, 40, attention_mask=mask, position_ids=positions)
+    assert torch.equal(emu.token_scale((3, 40), 16, 2.0, mask=mask, positions=positions), ref)
+
+
+@pytest.mark.parametrize("bad", ["negative position", "cu not from 0", "cu short", "cu down"])
+def test_token_scale_invalid_packing_is_nan_and_recorded(emu, bad):
+    batch, length = 3, 300
+    n = batch * length
+    positions = cu = None
+    if bad == "negative position":
+        positions = torch.arange(length).repeat(batch, 1)
+        positions[2, 250] = -1  # one entry, in the last row's second chunk
+        code = 3
+    else:
+        cu = {"cu not from 0": [2, 400, n], "cu short": [0, 400, n - 1],
+              "cu down": [0, 500, 400, n]}[bad]
+        cu = torch.tensor(cu, dtype=torch.int64)
+        code = 2
+    for order, order_seed in _orders():
+        emu.configure(order, order_seed, sms=2)
+        error = torch.zeros(4, dtype=torch.int64)
+        got = emu.token_scale((batch, length), 32, 1.0, positions=positions, cu=cu, error=error)
+        assert got.isnan().all(), order
+        assert error.tolist() == [code, 0, n, 0]
 
 
 # ---------------------------------------------------------------------------------------

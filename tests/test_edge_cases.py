@@ -11,12 +11,9 @@ import torch.nn.functional as F
 import fastnoise
 from fastnoise import reference as R
 
+from op_args import call_backward, call_forward
+
 BACKENDS = fastnoise.available_backends("cpu", torch.float32)
-
-
-def _op_args(weight, ids, *, tok_mag=None, symmetric=False, backend="reference"):
-    """Arguments of torch.ops.fastnoise.noisy_embedding."""
-    return (weight, ids, tok_mag, "uniform", 1.0, 7, 5, 0, False, symmetric, -1, backend)
 
 
 # --------------------------------------------------------------------------------------
@@ -171,39 +168,48 @@ def test_bad_ids_raise_naming_the_id_and_size(backend, bad):
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_op_rejects_bad_forward_arguments(backend):
-    weight, ids = torch.randn(9, 8), torch.randint(0, 9, (6,))
-    op = torch.ops.fastnoise.noisy_embedding
-    cases = [
-        (dict(tok_mag=torch.rand(5)), "tok_mag"),                        # short
-        (dict(tok_mag=torch.rand(12)[::2]), "tok_mag"),                 # strided
-        (dict(ids=ids.reshape(2, 3)), "1-D"),                           # 2-D ids
-        (dict(ids=torch.tensor([1]).expand(6)), "contiguous"),          # expanded ids
-        (dict(weight=torch.randn(8, 9).t()), "stride"),                 # column-strided
+    weight, ids = torch.randn(9, 8), torch.randint(0, 9, (2, 3))
+    mask = torch.ones(2, 3, dtype=torch.long)
+    cases = [  # (arguments changed, error, message)
+        (dict(attention_mask=mask[:, :2]), ValueError, "attention_mask must have the shape"),
+        (dict(position_ids=mask.reshape(-1)), ValueError, "position_ids must have the shape"),
+        (dict(attention_mask=mask.float()), TypeError, "attention_mask must be bool or int"),
+        (dict(position_ids=mask, cu_seqlens=torch.tensor([0, 6])), ValueError, "not both"),
+        (dict(cu_seqlens=torch.tensor([[0, 6]])), ValueError, "cu_seqlens must be a 1-D"),
+        (dict(cu_seqlens=torch.tensor([0.0, 6.0])), ValueError, "cu_seqlens must be a 1-D"),
+        (dict(ids=ids.float()), TypeError, "ids must be int32 or int64"),
+        (dict(weight=weight.long()), TypeError, "weight must be floating point"),
+        (dict(weight=weight[None]), ValueError, "weight must be 2-D"),
+        (dict(noise=7), ValueError, "noise code"),
+        (dict(alpha=-1.0), ValueError, "alpha"),
+        (dict(ids=torch.tensor(3), symmetric=True), ValueError, "symmetric=True needs"),
+        (dict(padding_idx=9), ValueError, "padding_idx"),
+        (dict(padding_idx=-2), ValueError, "padding_idx"),
     ]
-    for change, match in cases:
-        kw = dict(weight=weight, ids=ids, tok_mag=None)
+    for change, error, match in cases:
+        kw = dict(weight=weight, ids=ids)
         kw.update(change)
-        with pytest.raises(ValueError, match=match):
-            op(*_op_args(kw["weight"], kw["ids"], tok_mag=kw["tok_mag"], backend=backend))
-    with pytest.raises(TypeError, match="tok_mag"):
-        op(*_op_args(weight, ids, tok_mag=torch.rand(6, dtype=torch.float64), backend=backend))
-    with pytest.raises(TypeError, match="ids"):
-        op(*_op_args(weight, ids.float(), backend=backend))
+        with pytest.raises(error, match=match):
+            call_forward(backend, kw.pop("weight"), kw.pop("ids"), **kw)
+    # a column-strided weight is read as its contiguous copy, not refused
+    strided = torch.randn(8, 9).t()
+    assert torch.equal(call_forward(backend, strided, ids),
+                       call_forward(backend, strided.contiguous(), ids))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_op_rejects_bad_backward_arguments(backend, symmetric):
-    ids = torch.randint(0, 9, (6,))
-    op = torch.ops.fastnoise.noisy_embedding_backward
-    rows = 12 if symmetric else 6
-    for grad in (torch.randn(rows - 1, 4), torch.randn(6 if symmetric else 5, 4),
-                 torch.randn(rows * 4)):
+    ids = torch.randint(0, 9, (2, 3))
+    rows = 4 if symmetric else 2
+    for grad in (torch.randn(rows - 1, 3, 4), torch.randn(rows, 2, 4), torch.randn(rows * 12)):
         with pytest.raises(ValueError, match="grad_out"):
-            op(grad, ids, 9, -1, symmetric, backend)
-    with pytest.raises(ValueError, match="1-D"):
-        op(torch.randn(rows, 4), ids.reshape(2, 3), 9, -1, symmetric, backend)
-    good = op(torch.randn(rows, 4), ids, 9, -1, symmetric, backend)
+            call_backward(backend, grad, ids, 9, symmetric=symmetric)
+    with pytest.raises(TypeError, match="ids must be int32 or int64"):
+        call_backward(backend, torch.randn(rows, 3, 4), ids.float(), 9, symmetric=symmetric)
+    with pytest.raises(ValueError, match="num_weights"):
+        call_backward(backend, torch.randn(rows, 3, 4), ids, -1, symmetric=symmetric)
+    good = call_backward(backend, torch.randn(rows, 3, 4), ids, 9, symmetric=symmetric)
     assert good.shape == (9, 4)
 
 

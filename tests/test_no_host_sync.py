@@ -1,8 +1,11 @@
 """No host sync on the hot path: a forward or backward never reads input-derived tensor data
-back to the host (on a GPU each read is a device sync that stalls the launch queue).
+back to the host (on a GPU each read is a device sync that stalls the launch queue), and
+never builds a tensor from host data (``torch.tensor(list, device=...)`` is a blocking copy
+on a GPU, and illegal under CUDA graph capture).
 
 On the CPU a ``TorchFunctionMode`` follows every tensor derived from the call's inputs and
-fails on any read of one (``.item()``, ``.tolist()``, ``bool()``, ``int()``, ``nonzero``,
+fails on any read of one (a mode is off while its handler runs an op, so the Python backends'
+op bodies, ``ops.python_forward`` / ``ops.python_backward``, are run under it again) (``.item()``, ``.tolist()``, ``bool()``, ``int()``, ``nonzero``,
 ``unique``, ...). The one read allowed is fastnoise's own error buffer (:mod:`fastnoise.errors`:
 on CUDA it is an asynchronous copy to pinned memory), and the Triton interpreter's own host
 copies (it emulates the GPU on the host). On a GPU the same calls run under
@@ -27,14 +30,48 @@ _READS = {
 }
 
 
+#: tensors made from host data: on a GPU a blocking host-to-device copy
+_HOST_BUILT = {torch.tensor, torch.as_tensor, torch.asarray, torch.scalar_tensor,
+               torch.from_numpy, torch.Tensor.new_tensor}
+
+
+@pytest.fixture(autouse=True)
+def _track_inside_python_ops(monkeypatch):
+    """Inside a custom op the mode that saw the op is off: turn the active tracker on again
+    around the bodies of fastnoise's Python ops."""
+    from fastnoise import ops
+
+    def tracked(body):
+        def run(*args, **kwargs):
+            if SyncTracker.active is None:
+                return body(*args, **kwargs)
+            with SyncTracker.active:
+                return body(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(ops, "python_forward", tracked(ops.python_forward))
+    monkeypatch.setattr(ops, "python_backward", tracked(ops.python_backward))
+
+
 class SyncTracker(TorchFunctionMode):
-    """Fails on a host read of a tensor derived from the tracked inputs."""
+    """Fails on a host read of a tensor derived from the tracked inputs, and on any tensor
+    built from host data while it is active."""
+
+    active = None  # the tracker of the running test
 
     def __init__(self, *inputs):
         super().__init__()
         self.keep, self.tainted = [], set()
         for t in inputs:
             self._taint(t)
+
+    def __enter__(self):
+        SyncTracker.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        SyncTracker.active = None
+        return super().__exit__(*exc)
 
     def _taint(self, value):
         for leaf in tree_flatten(value)[0]:
@@ -51,6 +88,8 @@ class SyncTracker(TorchFunctionMode):
         tainted = self._is_tainted((args, kwargs))
         if tainted and func in _READS and not self._allowed(args):
             raise AssertionError(f"host read of input-derived data: {func.__name__}")
+        if func in _HOST_BUILT and not self._allowed(()):
+            raise AssertionError(f"tensor built from host data: {func.__name__}")
         out = func(*args, **kwargs)
         if tainted:
             self._taint(out)
@@ -141,6 +180,22 @@ def test_the_tracker_catches_a_read():
             bool((ids > 0).all())
     with SyncTracker(ids):  # an unrelated tensor may be read (e.g. a drawn seed)
         int(torch.randint(0, 5, ()))
+    for build in (lambda: torch.tensor([1, 0, 3, 0]), lambda: torch.as_tensor([2.0]),
+                  lambda: torch.scalar_tensor(2.0), lambda: ids.new_tensor([1])):
+        with pytest.raises(AssertionError, match="built from host data"):
+            with SyncTracker(ids):
+                build()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_scaled_embedding_builds_no_tensor(backend):
+    """A scaled embedding (Gemma) in eval mode: the scale is a float rounded to the dtype,
+    never a tensor made per call."""
+    emb = fastnoise.NoisyEmbedding(20, 12, embed_scale=2.5, backend=backend).eval()
+    ids = torch.randint(0, 20, (2, 5))
+    with SyncTracker(emb.weight, ids):
+        out = emb(ids)
+    assert torch.equal(out, torch.nn.functional.embedding(ids, emb.weight) * 2.5)
 
 
 @pytest.mark.gpu

@@ -114,7 +114,7 @@ def test_noise_scale(alpha, length, d):
 
 def test_token_scale_with_mask():
     mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]])
-    tok = R.token_scale(5.0, 16, seq_len=4, attention_mask=mask).view(3, 4)
+    tok = R.token_scale(5.0, 16, 12, 4, attention_mask=mask).view(3, 4)
     assert torch.equal(tok[0], torch.tensor([R.noise_scale(5.0, 3, 16)] * 3 + [0.0]))
     assert torch.equal(tok[1], torch.zeros(4))  # no noise and no division by zero
     assert tok[2, 0] == R.noise_scale(5.0, 2, 16) and tok[2, 1] == 0
@@ -155,14 +155,31 @@ def test_noisytune_offsets_and_formula():
 
 def test_token_scale_of_packed_segments():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
-    seg = R.segments_from_position_ids(pos)
-    assert seg.tolist() == [0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 4]
-    tok = R.token_scale(5.0, 8, seq_len=6, segments=seg)
+    starts = R.segment_starts(12, 6, position_ids=pos)
+    assert starts.nonzero().flatten().tolist() == [0, 3, 5, 6, 10]
+    tok = R.token_scale(5.0, 8, 12, 6, position_ids=pos)
     lengths = [3, 3, 3, 2, 2, 1, 4, 4, 4, 4, 2, 2]
     assert tok.tolist() == [R.noise_scale(5.0, n, 8) for n in lengths]
     cu = torch.tensor([0, 3, 5, 6, 10, 12])
-    assert torch.equal(R.segments_from_cu_seqlens(cu, 12), seg)
+    assert torch.equal(R.segment_starts(12, 6, cu_seqlens=cu), starts)
+    assert torch.equal(R.token_scale(5.0, 8, 12, 6, cu_seqlens=cu), tok)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 5] = 0  # padding inside the last segment: L counts kept tokens only
-    tok = R.token_scale(5.0, 8, seq_len=6, segments=seg, attention_mask=mask)
+    tok = R.token_scale(5.0, 8, 12, 6, position_ids=pos, attention_mask=mask)
     assert tok[10] == R.noise_scale(5.0, 1, 8) and tok[11] == 0
+
+
+def test_token_scale_rows_never_share_a_sequence():
+    """position_ids that do not restart at a row start still start a sequence there; cu_seqlens
+    (flash-attention varlen) may run across rows."""
+    pos = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    assert R.segment_starts(6, 3, position_ids=pos).tolist() == [1, 0, 0, 1, 0, 1]
+    cu = torch.tensor([0, 4, 6])
+    assert R.segment_starts(6, 3, cu_seqlens=cu).tolist() == [1, 0, 0, 0, 1, 0]
+
+
+def test_token_scale_of_invalid_packing_is_nan():
+    assert R.token_scale(1.0, 4, 6, 3, position_ids=torch.tensor([[0, 1, -1], [0, 1, 2]])
+                         ).isnan().all()
+    for cu in ([0, 7], [1, 6], [0, 4, 3, 6]):
+        assert R.token_scale(1.0, 4, 6, 3, cu_seqlens=torch.tensor(cu)).isnan().all()

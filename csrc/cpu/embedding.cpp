@@ -1,12 +1,18 @@
 // CPU kernels of the fused noisy embedding (forward) and its weight gradient (backward).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 #include <ATen/core/Tensor.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch_v2.h>
+#include <ATen/core/DistributionsHelper.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <mutex>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -16,6 +22,7 @@
 #endif
 
 #include "../common.h"
+#include "../noisy_embedding.h"
 #include "noise_fill.h"
 
 namespace fastnoise {
@@ -60,7 +67,9 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
   const acc_t es = static_cast<acc_t>(embed_scale);
   const int64_t G = (d + elements_per_counter(kind) - 1) / elements_per_counter(kind);
   const CpuKernels& kernels = cpu_kernels();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
+  // rows per task: no parallel region for less than at::internal::GRAIN_SIZE elements (32 K):
+  // below that, waking the pool (or waiting on a busy core) costs more than the work
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> noise(static_cast<size_t>(fill_buffer_len(d)));
     float* xp = noise.data();
@@ -102,6 +111,33 @@ void forward_kernel(const index_t* ids, int64_t n, const scalar_t* weight, int64
   });
 }
 
+// The lookup + noise of the flat ids (checked by the caller) into `out` (n or 2n rows of d).
+void run_forward(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& out,
+                 int64_t noise, float mag, const float* tok_mag, uint64_t seed, uint64_t offset,
+                 bool symmetric, double embed_scale) {
+  const int64_t n = ids.numel();
+  const int64_t V = weight.size(0);
+  const int64_t d = weight.size(1);
+  if (n == 0 || d == 0) return;
+  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fastnoise_embedding_forward_cpu", [&] {
+    const index_t* ip = ids.const_data_ptr<index_t>();
+    check_ids_in_range(ip, n, V);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, weight.scalar_type(), "fastnoise_embedding_forward_cpu", [&] {
+          const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+          scalar_t* op = out.data_ptr<scalar_t>();
+          if (embed_scale != 1.0) {
+            forward_kernel<scalar_t, index_t, true>(ip, n, wp, weight.stride(0), op, d, noise,
+                                                    mag, tok_mag, seed, offset, symmetric,
+                                                    embed_scale);
+          } else {
+            forward_kernel<scalar_t, index_t, false>(ip, n, wp, weight.stride(0), op, d, noise,
+                                                     mag, tok_mag, seed, offset, symmetric, 1.0);
+          }
+        });
+  });
+}
+
 void embedding_forward_cpu(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& out,
                            int64_t noise, double mag, const std::optional<at::Tensor>& tok_mag,
                            int64_t seed, int64_t offset, bool symmetric, double embed_scale,
@@ -110,37 +146,118 @@ void embedding_forward_cpu(const at::Tensor& ids, const at::Tensor& weight, cons
   (void)error;  // contract C1: the CPU kernel raises on a bad id at once
   check_forward_args(ids, weight, out, noise, tok_mag, symmetric);
   check_seed_tensor(seed_tensor, weight);
-  const bool has_scale = embed_scale != 1.0;
   TORCH_CHECK(weight.device().is_cpu(), "fastnoise: CPU kernel got a non-CPU weight");
   if (seed_tensor.has_value()) {
     // a CPU tensor here: read on the host; its uint64 bits override seed, offset 0
     seed = *seed_tensor->const_data_ptr<int64_t>();
     offset = 0;
   }
+  run_forward(ids, weight, out, noise, static_cast<float>(mag),
+              tok_mag.has_value() ? tok_mag->const_data_ptr<float>() : nullptr, as_u64(seed),
+              as_u64(offset), symmetric, embed_scale);
+}
+
+// ---------------------------------------------------------------------------------------
+// The user-facing op fastnoise::noisy_embedding on the CPU
+// ---------------------------------------------------------------------------------------
+// The values of an integer or bool tensor, as int64 (small: the ids' mask or packing).
+std::vector<int64_t> int64_values(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  std::vector<int64_t> values(static_cast<size_t>(c.numel()));
+  AT_DISPATCH_V2(c.scalar_type(), "fastnoise_int64_values", AT_WRAP([&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < values.size(); ++i) values[i] = static_cast<int64_t>(p[i]);
+  }), AT_EXPAND(AT_INTEGRAL_TYPES), at::kBool, AT_EXPAND(AT_BAREBONES_UNSIGNED_TYPES));
+  return values;
+}
+
+// C1: the first error since the last report is kept.
+void record_error(const at::Tensor& error, int64_t code, int64_t value, int64_t bound) {
+  int64_t* e = error.data_ptr<int64_t>();
+  if (e[0] != 0) return;
+  e[1] = value;
+  e[2] = bound;
+  e[0] = code;
+}
+
+// reference.token_scale: each token's mag, alpha / sqrt(L * d) with L its sequence's count of
+// kept tokens; masked tokens 0; every token NaN (and the error recorded) when the packing
+// inputs are invalid.
+void token_scale_cpu(const Packing& packing, int64_t n, int64_t row, int64_t d, double alpha,
+                     float* mag, const at::Tensor& error) {
+  std::vector<int64_t> keep = packing.mask ? int64_values(*packing.mask) : std::vector<int64_t>();
+  // boundaries b_0 = 0 < ... <= b_S = n: sequence k is the tokens [b_k, b_k+1)
+  std::vector<int64_t> bounds;
+  bool valid = true;
+  int64_t code = 0;
+  if (packing.cu != nullptr) {
+    bounds = int64_values(*packing.cu);
+    valid = bounds.front() == 0 && bounds.back() == n;
+    for (size_t k = 1; k < bounds.size() && valid; ++k) valid = bounds[k] >= bounds[k - 1];
+    code = kBadCuSeqlens;
+  } else {
+    std::vector<int64_t> pos = packing.positions ? int64_values(*packing.positions)
+                                                 : std::vector<int64_t>();
+    for (int64_t t = 0; t < n; ++t) {
+      if (t % row == 0 || (!pos.empty() && pos[t] == 0)) bounds.push_back(t);
+      if (!pos.empty() && pos[t] < 0) valid = false;
+    }
+    bounds.push_back(n);
+    code = kBadPositionIds;
+  }
+  if (!valid) {
+    std::fill(mag, mag + n, std::numeric_limits<float>::quiet_NaN());
+    record_error(error, code, 0, n);
+    return;
+  }
+  for (size_t k = 0; k + 1 < bounds.size(); ++k) {
+    const int64_t b = bounds[k], e = bounds[k + 1];
+    int64_t count = e - b;
+    if (!keep.empty()) count = std::count_if(keep.begin() + b, keep.begin() + e,
+                                             [](int64_t v) { return v != 0; });
+    const float m = scale_of(alpha, count, d);
+    for (int64_t t = b; t < e; ++t) mag[t] = keep.empty() || keep[t] != 0 ? m : 0.0f;
+  }
+}
+
+// What torch.randint(0, 2**63 - 1, ()) gives from the default CPU generator (seeds.draw_seed):
+// the same draw, so every backend gets the same seed from the same generator state.
+uint64_t draw_cpu_seed() {
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return at::check_generator<at::CPUGeneratorImpl>(gen)->random64() % ((uint64_t{1} << 63) - 1);
+}
+
+at::Tensor noisy_embedding_cpu(const at::Tensor& weight_in, const at::Tensor& ids_in,
+                               const std::optional<at::Tensor>& attention_mask,
+                               const std::optional<at::Tensor>& position_ids,
+                               const std::optional<at::Tensor>& cu_seqlens, int64_t noise,
+                               double alpha, int64_t seed, int64_t offset, bool draw_seed,
+                               bool symmetric, int64_t padding_idx, double embed_scale) {
+  const Packing packing = check_noisy_embedding_args(weight_in, ids_in, attention_mask,
+                                                     position_ids, cu_seqlens, noise, alpha,
+                                                     symmetric, padding_idx);
+  const at::Tensor weight = row_contiguous(weight_in);
+  const at::Tensor ids = ids_in.reshape({-1}).contiguous();
   const int64_t n = ids.numel();
-  const int64_t V = weight.size(0);
   const int64_t d = weight.size(1);
-  if (n == 0 || d == 0) return;
-  const float* tm = tok_mag.has_value() ? tok_mag->data_ptr<float>() : nullptr;
-  AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "fastnoise_embedding_forward_cpu", [&] {
-    const index_t* ip = ids.data_ptr<index_t>();
-    check_ids_in_range(ip, n, V);
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, weight.scalar_type(), "fastnoise_embedding_forward_cpu", [&] {
-          const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-          scalar_t* op = out.data_ptr<scalar_t>();
-          const float m = static_cast<float>(mag);
-          if (has_scale) {
-            forward_kernel<scalar_t, index_t, true>(ip, n, wp, weight.stride(0), op, d, noise,
-                                                    m, tm, as_u64(seed), as_u64(offset),
-                                                    symmetric, embed_scale);
-          } else {
-            forward_kernel<scalar_t, index_t, false>(ip, n, wp, weight.stride(0), op, d, noise,
-                                                     m, tm, as_u64(seed), as_u64(offset),
-                                                     symmetric, 1.0);
-          }
-        });
-  });
+  at::Tensor out = at::empty(output_shape(ids_in, d, symmetric), weight.options());
+  if (n == 0 || d == 0) return out;
+  uint64_t s = as_u64(seed), o = as_u64(offset);
+  if (draw_seed) {  // `seed` is then what the drawn seed is XORed with (rank-distinct noise)
+    s = draw_cpu_seed() ^ s;
+    o = 0;
+  }
+  std::vector<float> tok_mag;
+  if (packing.any()) {
+    tok_mag.resize(static_cast<size_t>(n));
+    token_scale_cpu(packing, n, row_length(ids_in), d, alpha, tok_mag.data(),
+                    registered_error_buffer(weight.device()));
+  }
+  run_forward(ids, weight, out.view({-1, d}), noise, scale_of(alpha, row_length(ids_in), d),
+              tok_mag.empty() ? nullptr : tok_mag.data(), s, o, symmetric,
+              round_embed_scale(embed_scale, weight.scalar_type()));
+  return out;
 }
 
 // Deterministic backward: a stable counting sort of the token positions by id, then each
@@ -155,7 +272,8 @@ void backward_kernel(const scalar_t* g, int64_t n, int64_t d, bool symmetric,
                      int64_t num_weights, int64_t padding, double embed_scale, scalar_t* grad) {
   using acc_t = typename AddType<scalar_t>::type;  // float, or double for double grads
   const acc_t es = static_cast<acc_t>(embed_scale);
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1));
+  // vocabulary rows per task: at least at::internal::GRAIN_SIZE elements (see the forward)
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1));
   at::parallel_for(0, num_weights, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(d));
     acc_t* a = acc.data();
@@ -236,6 +354,20 @@ at::Tensor embedding_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
   return grad;
 }
 
+// fastnoise::noisy_embedding_backward: grad_out shaped like the op's output.
+at::Tensor noisy_embedding_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids,
+                                        int64_t num_weights, int64_t padding_idx, bool symmetric,
+                                        double embed_scale) {
+  check_noisy_embedding_backward_args(grad_out, ids, num_weights, symmetric);
+  const int64_t d = grad_out.size(-1);
+  // rows given, not -1: with d == 0 the row count could not be inferred
+  return embedding_backward_cpu(grad_out.reshape({(symmetric ? 2 : 1) * ids.numel(), d}),
+                                ids.reshape({-1}), num_weights,
+                                padding_idx < 0 ? std::nullopt : std::optional<int64_t>(padding_idx),
+                                symmetric, /*deterministic=*/true,
+                                round_embed_scale(embed_scale, grad_out.scalar_type()));
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastnoise
@@ -243,4 +375,6 @@ at::Tensor embedding_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
 TORCH_LIBRARY_IMPL(fastnoise, CPU, m) {
   m.impl("embedding_forward", &fastnoise::cpu::embedding_forward_cpu);
   m.impl("embedding_backward", &fastnoise::cpu::embedding_backward_cpu);
+  m.impl("noisy_embedding", &fastnoise::cpu::noisy_embedding_cpu);
+  m.impl("noisy_embedding_backward", &fastnoise::cpu::noisy_embedding_backward_cpu);
 }

@@ -34,9 +34,11 @@ void embedding_forward_cuda(const at::Tensor& ids, const at::Tensor& weight,
   cudaStream_t stream = current_stream(weight.device());
   const int sms = sm_count(weight.device().index());
   const float* tm = tok_mag.has_value() ? tok_mag->const_data_ptr<float>() : nullptr;
-  // read in-kernel (no host sync): the value at launch time of each graph replay
-  const int64_t* sp =
-      seed_tensor.has_value() ? seed_tensor->const_data_ptr<int64_t>() : nullptr;
+  // a seed_tensor is read in-kernel (no host sync): the value at launch time of each replay
+  SeedArg sa;
+  sa.seed = as_u64(seed);
+  sa.offset = as_u64(offset);
+  sa.seed_ptr = seed_tensor.has_value() ? seed_tensor->const_data_ptr<int64_t>() : nullptr;
   int64_t* err = error.has_value() ? error->data_ptr<int64_t>() : nullptr;
   const int64_t V = weight.size(0);
   const int64_t w_stride = V > 1 ? weight.stride(0) : d;
@@ -48,7 +50,7 @@ void embedding_forward_cuda(const at::Tensor& ids, const at::Tensor& weight,
                                            : launch_forward<scalar_t, index_t, false>;
           launch(ids.const_data_ptr<index_t>(), n, weight.const_data_ptr<scalar_t>(),
                  w_stride, V, out.data_ptr<scalar_t>(), d, noise, static_cast<float>(mag), tm,
-                 as_u64(seed), as_u64(offset), sp, symmetric, embed_scale, err, stream, sms);
+                 sa, symmetric, embed_scale, err, stream, sms);
         });
   });
 }
@@ -102,6 +104,15 @@ at::Tensor embedding_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
 }
 
 }  // namespace
+
+// For noisy_embedding.cu's gradient op.
+at::Tensor embedding_backward_cuda_for_op(const at::Tensor& grad_out, const at::Tensor& ids,
+                                          int64_t num_weights, std::optional<int64_t> padding_idx,
+                                          bool symmetric, bool deterministic, double embed_scale) {
+  return embedding_backward_cuda(grad_out, ids, num_weights, padding_idx, symmetric,
+                                 deterministic, embed_scale);
+}
+
 }  // namespace cuda
 }  // namespace fastnoise
 

@@ -11,9 +11,8 @@
 // chunk with 16-byte packs, each lane reading its word (broadcast) and shifting bits.
 // Ids out of range are never read: their output rows are NaN and, with an `error` buffer
 // (contract C1), the kernel records one bad id and V there (record_bad_id).
-// seed_ptr (the op's seed_tensor, an int64 on the device) != nullptr: the kernels read the
-// 64-bit seed from it at run time and use counter offset 0 (CUDA-graph safe: a replay sees
-// the value drawn into it by the captured torch.randint; no host sync).
+// SeedArg: the seed and counter offset, as values or read on the device at run time (CUDA-graph
+// safe: a replay sees what its generator state or captured torch.randint holds; no host sync).
 // SCALE (embed_scale != 1, Gemma): e = T(e * embed_scale) before the noise; the unscaled
 // instantiations are the plain kernels.
 //
@@ -37,6 +36,28 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
+// Where a forward's Philox seed and first counter come from (contract C4). seed_ptr null: the
+// values `seed` and `offset`. Else read on the device when the kernel runs: the seed is
+// *seed_ptr (the op's seed_tensor, or the CUDA generator's seed under graph capture) XOR
+// xor_mask, and the counter offset (*offset_ptr + offset_add) / 4 (PyTorch's Philox offset,
+// 4 per counter: the generator's state under capture) or 0 without offset_ptr.
+struct SeedArg {
+  uint64_t seed = 0, offset = 0;
+  const int64_t* seed_ptr = nullptr;
+  const int64_t* offset_ptr = nullptr;
+  uint64_t offset_add = 0, xor_mask = 0;
+
+  __device__ __forceinline__ void get(uint64_t& s, uint64_t& o) const {
+    if (seed_ptr == nullptr) {
+      s = seed;
+      o = offset;
+      return;
+    }
+    s = static_cast<uint64_t>(*seed_ptr) ^ xor_mask;
+    o = offset_ptr == nullptr ? 0 : (static_cast<uint64_t>(*offset_ptr) + offset_add) / 4;
+  }
+};
+
 // ---------------------------------------------------------------------------------------
 // Forward: uniform / gaussian
 // ---------------------------------------------------------------------------------------
@@ -44,14 +65,11 @@ template <typename T, typename I, int KIND, int CPT, bool VEC, bool SCALE>
 __global__ void __launch_bounds__(kThreads)
 forward_ug_kernel(const I* __restrict__ ids, int64_t n, const T* __restrict__ weight,
                   int64_t w_stride, int64_t V, T* __restrict__ out, int64_t d, int64_t G,
-                  float mag, const float* __restrict__ tok_mag, uint64_t seed,
-                  uint64_t offset, const int64_t* __restrict__ seed_ptr, bool symmetric,
+                  float mag, const float* __restrict__ tok_mag, SeedArg sa, bool symmetric,
                   typename AddType<T>::type es, int64_t* __restrict__ error) {
   constexpr int E = 4 * CPT;  // elements per thread-unit
-  if (seed_ptr != nullptr) {
-    seed = static_cast<uint64_t>(*seed_ptr);
-    offset = 0;
-  }
+  uint64_t seed, offset;
+  sa.get(seed, offset);
   using P = Pack<T, E>;
   const int64_t units = (G + CPT - 1) / CPT;
   using A = typename AddType<T>::type;  // e + n in float32 (float64 for float64 weights)
@@ -117,13 +135,10 @@ __global__ void __launch_bounds__(kThreads)
 forward_bernoulli_kernel(const I* __restrict__ ids, int64_t n, const T* __restrict__ weight,
                          int64_t w_stride, int64_t V, T* __restrict__ out, int64_t d,
                          int64_t G, int64_t chunks_per_row, float mag,
-                         const float* __restrict__ tok_mag, uint64_t seed, uint64_t offset,
-                         const int64_t* __restrict__ seed_ptr, bool symmetric,
+                         const float* __restrict__ tok_mag, SeedArg sa, bool symmetric,
                          typename AddType<T>::type es, int64_t* __restrict__ error) {
-  if (seed_ptr != nullptr) {
-    seed = static_cast<uint64_t>(*seed_ptr);
-    offset = 0;
-  }
+  uint64_t seed, offset;
+  sa.get(seed, offset);
   constexpr int E = kBernoulliPack<T>;
   using P = Pack<T, E>;
   __shared__ __align__(16) uint32_t smem[kWarps][32 * 4];
@@ -233,8 +248,8 @@ inline ForwardLaunch plan_forward(int64_t kind, int64_t n, int64_t d, int64_t w_
 template <typename T, typename I, bool SCALE>
 void launch_forward(const I* ids, int64_t n, const T* weight, int64_t w_stride, int64_t V,
                     T* out, int64_t d, int64_t kind, float mag, const float* tok_mag,
-                    uint64_t seed, uint64_t offset, const int64_t* seed_ptr, bool symmetric,
-                    double embed_scale, int64_t* error, cudaStream_t stream, int sms) {
+                    SeedArg seed, bool symmetric, double embed_scale, int64_t* error,
+                    cudaStream_t stream, int sms) {
   // float32(embed_scale), float64 for float64 weights (the reference's multiply)
   const auto es = static_cast<typename AddType<T>::type>(embed_scale);
   const ForwardLaunch l =
@@ -243,8 +258,7 @@ void launch_forward(const I* ids, int64_t n, const T* weight, int64_t w_stride, 
     auto kernel = l.vec ? forward_bernoulli_kernel<T, I, true, SCALE>
                         : forward_bernoulli_kernel<T, I, false, SCALE>;
     FASTNOISE_LAUNCH(kernel, l.grid, l.block, stream, ids, n, weight, w_stride, V, out, d,
-                     l.G, l.chunks, mag, tok_mag, seed, offset, seed_ptr, symmetric, es,
-                     error);
+                     l.G, l.chunks, mag, tok_mag, seed, symmetric, es, error);
     return;
   }
   constexpr int CPT = sizeof(T) == 2 ? 2 : 1;
@@ -254,7 +268,7 @@ void launch_forward(const I* ids, int64_t n, const T* weight, int64_t w_stride, 
                     : (l.vec ? forward_ug_kernel<T, I, kGaussian, CPT, true, SCALE>
                              : forward_ug_kernel<T, I, kGaussian, CPT, false, SCALE>);
   FASTNOISE_LAUNCH(kernel, l.grid, l.block, stream, ids, n, weight, w_stride, V, out, d, l.G,
-                   mag, tok_mag, seed, offset, seed_ptr, symmetric, es, error);
+                   mag, tok_mag, seed, symmetric, es, error);
 }
 
 // ---------------------------------------------------------------------------------------

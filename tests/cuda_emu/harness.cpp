@@ -18,6 +18,7 @@
 #if !defined(FASTNOISE_EMU_ONLY) || FASTNOISE_EMU_ONLY == FASTNOISE_EMU_embedding
 #define FASTNOISE_EMU_WITH_EMBEDDING 1
 #include "../../csrc/cuda/embedding_kernels.cuh"
+#include "../../csrc/cuda/token_scale_kernels.cuh"
 #endif
 #if !defined(FASTNOISE_EMU_ONLY) || FASTNOISE_EMU_ONLY == FASTNOISE_EMU_noisytune
 #define FASTNOISE_EMU_WITH_NOISYTUNE 1
@@ -100,10 +101,13 @@ void emu_configure(int order, uint64_t seed, int sms) {
 }
 
 #if FASTNOISE_EMU_WITH_EMBEDDING
+// seed_ptr / offset_ptr / offset_add / xor_mask: SeedArg's device-read seed (a seed_tensor,
+// or the CUDA generator's Philox state under graph capture).
 int emu_embedding_forward(int ids_int32, const void* ids, int64_t n, int64_t dtype,
                           const void* weight, int64_t w_stride, int64_t V, void* out,
                           int64_t d, int64_t kind, float mag, const float* tok_mag,
                           uint64_t seed, uint64_t offset, const int64_t* seed_ptr,
+                          const int64_t* offset_ptr, uint64_t offset_add, uint64_t xor_mask,
                           int symmetric, double embed_scale, int64_t* error) {
   return guarded([&] {
     if (n == 0 || d == 0) return;
@@ -113,11 +117,41 @@ int emu_embedding_forward(int ids_int32, const void* ids, int64_t n, int64_t dty
         using T = typename decltype(ft)::type;
         auto launch = embed_scale != 1.0 ? launch_forward<T, I, true>
                                          : launch_forward<T, I, false>;
+        SeedArg sa;
+        sa.seed = seed;
+        sa.offset = offset;
+        sa.seed_ptr = seed_ptr;
+        sa.offset_ptr = offset_ptr;
+        sa.offset_add = offset_add;
+        sa.xor_mask = xor_mask;
         launch(static_cast<const I*>(ids), n, static_cast<const T*>(weight), w_stride, V,
-               static_cast<T*>(out), d, kind, mag, tok_mag, seed, offset, seed_ptr,
-               symmetric != 0, embed_scale, error, nullptr, fastnoise_emu::config().sms);
+               static_cast<T*>(out), d, kind, mag, tok_mag, sa, symmetric != 0, embed_scale,
+               error, nullptr, fastnoise_emu::config().sms);
       });
     });
+  });
+}
+
+// The per-token scale (token_scale_kernels.cuh). *_bytes: IntRef's element codes (1 bool or
+// uint8, -1 int8, 2, 4, 8); a null pointer: the input is absent.
+int emu_token_scale(int64_t n, int64_t row, int64_t d, double alpha, const void* mask,
+                    int mask_bytes, const void* positions, int positions_bytes, const void* cu,
+                    int cu_bytes, int64_t cu_len, float* mag, int32_t* scratch, int64_t* error) {
+  return guarded([&] {
+    if (n == 0) return;
+    TokenScaleArgs a;
+    a.n = n;
+    a.row = row;
+    a.d = d;
+    a.alpha = alpha;
+    a.mask = IntRef{mask, mask_bytes};
+    a.positions = IntRef{positions, positions_bytes};
+    a.cu = IntRef{cu, cu_bytes};
+    a.cu_len = cu_len;
+    a.mag = mag;
+    a.scratch = scratch;
+    a.error = error;
+    launch_token_scale(a, nullptr, fastnoise_emu::config().sms);
   });
 }
 
