@@ -217,7 +217,7 @@ SEEDS, QUICK_SEEDS = 16, 3
 #: noise's own effect and 2% of the loss; with SD 0.035, 16 seeds pass at 5% with ~90%
 #: probability when the true difference is 0.
 MARGINS = {"train": 0.03, "eval": 0.03}
-FIELDS = ("setup", "method", "noisytune", "seed", "split", "step", "loss")
+FIELDS = ("setup", "method", "noisytune", "seed", "train", "eval_steps", "eval")
 
 
 def run_one(setup: Setup, method: str, noisytune: bool, seed: int, device: torch.device,
@@ -249,42 +249,41 @@ def run_one(setup: Setup, method: str, noisytune: bool, seed: int, device: torch
 
 
 def read_csv(path: str, setup: Setup) -> Dict[tuple, Curves]:
-    """The complete runs of ``setup`` already in ``path``: {(method, noisytune, seed): curves}."""
+    """The complete runs of ``setup`` already in ``path``: {(method, noisytune, seed): curves}.
+
+    One row per run: its train loss at every step, the held-out steps and losses, each a
+    space-separated list (9 significant digits: a float32 loss read back as float32 is exact)."""
     runs: Dict[tuple, Curves] = {}
     if not os.path.exists(path):
         return runs
+    n_evals = setup.steps // setup.eval_every if setup.eval_every else 0
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             try:
                 if row["setup"] != setup.key():
                     continue
+                curves = Curves([float(x) for x in row["train"].split()],
+                                [int(x) for x in row["eval_steps"].split()],
+                                [float(x) for x in row["eval"].split()])
                 key = (row["method"], row["noisytune"] == "1", int(row["seed"]))
-                curves = runs.setdefault(key, Curves())
-                if row["split"] == "train":
-                    curves.train.append(float(row["loss"]))
-                else:
-                    curves.eval_steps.append(int(row["step"]))
-                    curves.eval.append(float(row["loss"]))
-            except (KeyError, TypeError, ValueError):
+            except (AttributeError, KeyError, TypeError, ValueError):
                 continue  # a line cut short by an interrupted write
-    n_evals = setup.steps // setup.eval_every if setup.eval_every else 0
-    return {k: c for k, c in runs.items()
-            if len(c.train) == setup.steps and len(c.eval) == n_evals}
+            if len(curves.train) == setup.steps and len(curves.eval) == n_evals:
+                runs[key] = curves
+    return runs
 
 
 def append_csv(path: str, setup: Setup, key: tuple, curves: Curves) -> None:
-    """A finished run's rows, written at once (a run is in the CSV whole or not at all)."""
+    """A finished run's row (a run is in the CSV whole or not at all)."""
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     method, noisytune, seed = key
-    rows = [(setup.key(), method, int(noisytune), seed, "train", step + 1, repr(loss))
-            for step, loss in enumerate(curves.train)]
-    rows += [(setup.key(), method, int(noisytune), seed, "eval", step, repr(loss))
-             for step, loss in zip(curves.eval_steps, curves.eval)]
+    numbers = lambda values: " ".join(f"{v:.9g}" for v in values)  # noqa: E731
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
         if new:
             writer.writerow(FIELDS)
-        writer.writerows(rows)
+        writer.writerow((setup.key(), method, int(noisytune), seed, numbers(curves.train),
+                         " ".join(str(s) for s in curves.eval_steps), numbers(curves.eval)))
 
 
 def final_losses(curves: Curves) -> tuple:
@@ -363,16 +362,21 @@ def _smooth(values, window: int):
 
 
 def write_plot(runs: Dict[tuple, Curves], seeds: Sequence[int], setup: Setup, path: str,
-               title: str) -> None:
-    """Train (top) and held-out (bottom) loss per method column; NoisyTune off and on; the
-    stock hook in grey in every column. Lines are means over seeds, bands min..max."""
+               title: str, margins=MARGINS) -> None:
+    """One column per method: train loss (top), held-out loss (middle), NoisyTune off and on,
+    the stock hook in grey (means over seeds, bands min..max); bottom: the held-out loss minus
+    the stock hook's of the same seed and NoisyTune setting (mean and its 90% interval, the
+    TOST margin dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .stats import t_quantile
 
     window = max(1, setup.steps // 20)
-    fig, axes = plt.subplots(2, len(METHODS), figsize=(4 * len(METHODS), 7), sharey="row",
+    fig, axes = plt.subplots(3, len(METHODS), figsize=(4 * len(METHODS), 10), sharey="row",
                              squeeze=False)
     colors = {False: "tab:blue", True: "tab:orange"}
 
@@ -389,6 +393,20 @@ def write_plot(runs: Dict[tuple, Curves], seeds: Sequence[int], setup: Setup, pa
         ax.plot(x, mean, style, color=color, lw=1.4, label=f"{label} (n={len(curves)})")
         ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
 
+    def draw_difference(ax, method, noisytune):
+        common = [s for s in seeds if (method, noisytune, s) in runs
+                  and ("stock", noisytune, s) in runs]
+        if len(common) < 2:
+            return
+        d = np.asarray([np.subtract(runs[(method, noisytune, s)].eval,
+                                    runs[("stock", noisytune, s)].eval) for s in common])
+        mean = d.mean(0)
+        half = t_quantile(0.95, len(common) - 1) * d.std(0, ddof=1) / math.sqrt(len(common))
+        x = runs[(method, noisytune, common[0])].eval_steps
+        ax.plot(x, mean, color=colors[noisytune], lw=1.4,
+                label=f"NoisyTune {'on' if noisytune else 'off'} (n={len(common)})")
+        ax.fill_between(x, mean - half, mean + half, color=colors[noisytune], alpha=0.2, lw=0)
+
     for col, method in enumerate(METHODS):
         for row, split in enumerate(("train", "eval")):
             ax = axes[row][col]
@@ -399,14 +417,30 @@ def write_plot(runs: Dict[tuple, Curves], seeds: Sequence[int], setup: Setup, pa
                      f"NoisyTune {'on' if nt else 'off'}")
             what = "train loss" if split == "train" else "held-out loss"
             ax.set_title(f"{LABELS[method]}\n{what}", fontsize=9)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
+        ax = axes[2][col]
+        ax.axhline(0.0, color="0.45", ls="--", lw=1)
+        if method == "stock":
+            ax.text(0.5, 0.5, "the other columns' held-out loss\nminus this hook's",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            ax.set_xticks([])
+        else:
+            for sign in (-1, 1):
+                ax.axhline(sign * margins["eval"], color="0.3", ls=":", lw=1)
+            for nt in (False, True):
+                draw_difference(ax, method, nt)
+            ax.set_title(f"{LABELS[method]}\nheld-out loss − stock hook's (same seed)",
+                         fontsize=9)
+        for row in range(3):
+            axes[row][col].set_xlabel("step")
+            axes[row][col].grid(alpha=0.3)
+            if axes[row][col].get_legend_handles_labels()[0]:
+                axes[row][col].legend(fontsize=6)
     axes[0][0].set_ylabel(f"train loss ({window}-step moving average)")
     axes[1][0].set_ylabel("held-out loss")
+    axes[2][0].set_ylabel(f"difference (nats): mean, 90% CI; ±{margins['eval']:g} dotted")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -468,7 +502,8 @@ def main(args, device: torch.device, header: str) -> int:
         torch.set_num_threads(threads)
     print(summarize(runs, seeds))
     write_plot(runs, seeds, setup, plot_path,
-               f"{header}: fastnoise vs the stock NEFTune hook, {setup.steps} steps, "
-               f"alpha {setup.alpha:g}, mean and min-max over seeds")
+               f"{header}: fastnoise vs the stock NEFTune hook, {setup.steps} steps, alpha "
+               f"{setup.alpha:g}; losses: mean and min..max over seeds; differences: mean and "
+               f"90% CI")
     print(f"wrote {csv_path} and {plot_path}")
     return 0

@@ -37,15 +37,15 @@ KERNEL_BACKENDS = ("cpu", "triton")
 # Gaussian noise is not bit-exact across backends: the reference's log/cos/sin and those of
 # the C++ kernel (its own vectorized ones) and of the Triton interpreter (NumPy's) agree to
 # ~1e-6 relative (the contract, fastnoise/reference.py). That perturbs each step's loss by
-# ~1e-6 relative; 20 steps measured <= 1.3e-6, so losses get rtol 1e-5. AdamW divides by
-# sqrt(v): on an element whose gradient is near zero a 1e-6 difference can change the
-# update by up to ~lr, so a single parameter may move apart by up to a few lr over the run
-# (measured: 1.4e-4 at lr 3e-3); each element gets atol = lr. What must stay tiny is the
-# run as a whole: the distance between the two runs' final parameters is < 1e-3 of how far
-# training moved them (measured ~1e-4).
+# ~1e-6 relative or less (measured here: <= 1.3e-7; <= 1.3e-6 at batch 8), so losses get
+# rtol 1e-5. AdamW divides by sqrt(v): on an element whose gradient is near zero a 1e-6
+# difference can change the update by up to ~lr, so a single parameter may drift apart by up
+# to ~lr per step (measured: 1.2e-6 here; 1.4e-4 at batch 8); each element gets atol = lr.
+# What must stay tiny is the run as a whole: the distance between the two runs' final
+# parameters is < 1e-4 of how far training moved them (measured 1e-6).
 GAUSSIAN_LOSS_RTOL = 1e-5
 GAUSSIAN_PARAM_ATOL = EXACT.lr
-GAUSSIAN_DISPLACEMENT_RTOL = 1e-3
+GAUSSIAN_DISPLACEMENT_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -334,7 +334,10 @@ def test_bench_convergence_cli_writes_csv_and_plot_and_resumes(tmp_path, monkeyp
     # a run cut off before its rows were written is run again, and nothing else is
     lines = csv_path.read_text().splitlines(keepends=True)
     csv_path.write_text("".join(line for line in lines if ",neftune,1,1," not in line))
+    plotted = []  # the plot was checked above (2.5 s of matplotlib): here, what it is given
+    monkeypatch.setattr(bc, "write_plot", lambda runs, *args, **kw: plotted.append(set(runs)))
     assert bench.main(argv) == 0
+    assert plotted == [everything]
     out = capsys.readouterr()
     assert "(11 already in" in out.out
     assert out.err.count("NoisyTune") == 1 and "neftune   NoisyTune on  seed  1" in out.err
