@@ -191,7 +191,7 @@ def test_bf16_training_cpu_kernel_is_bit_equal_to_reference():
 STAT = bc.Setup(hidden=32, layers=2, heads=2, batch=8, steps=30, eval_every=30, lr=3e-3,
                 n_eval=128, alpha=1.0)
 #: The design, declared before the confirmatory run on these seeds (none of them used before):
-#: pilots on 90 other seeds gave a paired SD of fastnoise - stock of 0.010-0.018 nats on both
+#: pilots on 74 other seeds gave a paired SD of fastnoise - stock of 0.010-0.018 nats on both
 #: losses, with a heavy tail (one seed in 24 at +0.05), and no consistent sign (means of
 #: -0.004 and +0.005 over 40 and 24 seeds). MARGIN = 0.02 nats is under a quarter of what the
 #: noise itself does to the loss here and under 1% of the loss; with SD 0.018, K = 12 seeds
