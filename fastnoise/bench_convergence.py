@@ -10,13 +10,15 @@ the prompt and the padding), K seeds per configuration:
 - ``gaussian`` and ``symnoise``: ``FastNoiseCallback``;
 
 each with NoisyTune (``FastNoiseCallback(noisytune_lam=...)``, before step 0) off and on. A
-seed fixes the initial model, the data order and every noise draw, so configurations of one
-seed differ only by their noise. Each run's train loss at every step and the held-out loss
-every few steps go to a CSV; a run already in the CSV (same sizes) is skipped, so a cut-off
-run resumes where it stopped. The plot has one column per method (train loss on top, held-out
-loss below; mean over seeds and a min-max band), with the stock hook drawn in every column. The
-summary is the final losses per configuration and a paired TOST of fastnoise NEFTune vs the
-stock hook (:func:`fastnoise.stats.paired_tost`) against margins fixed in ``MARGINS``.
+seed fixes the initial model, the data order and the NoisyTune draw, so configurations of one
+seed differ only by their noise. Each run's train loss at every step and its held-out loss
+every few steps go to a CSV, one row per run; a run already in the CSV (same sizes) is
+skipped, so a cut-off run resumes where it stopped. The plot has one column per method: train
+loss, held-out loss (mean over seeds and a min-max band; the stock hook in grey in every
+column), and the held-out loss minus the stock hook's of the same seed (mean, 90% interval,
+the TOST margin). The summary is the final losses per configuration and paired tests over
+seeds (:func:`fastnoise.stats.paired_test`): TOST of fastnoise NEFTune vs the stock hook
+against the margins fixed in ``MARGINS``, and every method vs no noise.
 
 The same data set, model and training loop are the ones tests/test_convergence.py runs
 smaller.
