@@ -430,6 +430,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastnoise bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--convergence", action="store_true",
+                        help="train a tiny Llama over seeds with no noise, the stock hook and "
+                             "fastnoise's methods; loss curves, CSV (resumes), PNG and TOST "
+                             "(fastnoise/bench_convergence.py), instead of the kernels")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile peers (they take a while to compile)")
@@ -450,6 +454,9 @@ def main(argv=None) -> int:
     header = (f"fastnoise bench on {name}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d')}")
     print(header, flush=True)
+    if args.convergence:
+        from .bench_convergence import main as run_convergence
+        return run_convergence(args, device, header)
     if args.e2e:
         from .bench_e2e import main as run_e2e
         return run_e2e(args, device, header)
