@@ -28,6 +28,10 @@ A backend is an object with
   token row (the pair's halves summed first) multiplied by float32(embed_scale) before it
   is accumulated; ids out of range contribute nothing (never written out of bounds) or
   raise (CPU);
+* optionally ``token_scale(alpha, d, n, row, attention_mask, position_ids, cu_seqlens,
+  error)`` -> the float32 (n,) per-token scale of :func:`fastnoise.reference.token_scale`,
+  with invalid packing inputs recorded in ``error`` (C1), computed by the backend's own
+  kernels (Triton's); without it the Python op uses the reference's torch ops;
 * ``noisytune_(tensors, lam, *, seed, starts, stds=None)``: perturbs each tensor in place,
   tensor k from counter ``starts[k]``; ``stds`` (None, or one Python float per tensor) is
   used as the tensor's std64 instead of its own (C5: a shard gets its whole parameter's std).

@@ -24,6 +24,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 if _IMPORT_ERROR is None:
     from . import embedding as _emb
     from . import noisytune as _nt
+    from . import token_scale as _ts
 
 
 class TritonBackend:
@@ -61,6 +62,10 @@ class TritonBackend:
                                      seed=seed, offset=offset, symmetric=symmetric,
                                      embed_scale=embed_scale, seed_tensor=seed_tensor,
                                      error=error)
+
+    def token_scale(self, alpha, d, n, row, attention_mask, position_ids, cu_seqlens, error):
+        return _ts.token_scale(alpha, d, n, row, attention_mask, position_ids, cu_seqlens,
+                               error)
 
     def embedding_backward(self, grad_out, ids, num_weights, *, padding_idx, symmetric,
                            deterministic, embed_scale=1.0):
