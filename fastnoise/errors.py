@@ -91,9 +91,10 @@ class _DeviceState:
     def take_spare(self):
         """A (pinned host buffer, event) pair no copy is in flight into."""
         if self.retired:
-            done = [entry for entry in self.retired if entry[1].query()]
-            self.retired = [entry for entry in self.retired if not entry[1].query()]
-            self.spare.extend(done)
+            in_flight = []
+            for entry in self.retired:
+                (self.spare if entry[1].query() else in_flight).append(entry)
+            self.retired = in_flight
         if self.spare:
             return self.spare.pop()
         return torch.empty(4, dtype=torch.int64, pin_memory=True), torch.cuda.Event()

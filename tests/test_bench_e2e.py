@@ -8,6 +8,8 @@ pytest.importorskip("transformers")
 import fastnoise  # noqa: E402
 from fastnoise import bench, bench_e2e  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocesses; .ci/run runs them (-m 'not slow' skips)
+
 TINY = dict(model=dict(vocab_size=64, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
             batch=2, length=8, dtype="float32")

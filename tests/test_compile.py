@@ -225,3 +225,22 @@ def test_varying_lengths_add_no_recompile(inputs):
     noisy = fastnoise.NoisyEmbedding(50, 16).train()
     plain = nn.Embedding(50, 16).train()
     assert frames(noisy) == frames(plain)
+
+
+@pytest.mark.parametrize("backend", [b for b in fastnoise.available_backends("cpu")
+                                     if b != "reference"])
+@pytest.mark.parametrize("bad", ["cu_seqlens", "position_ids"])
+def test_invalid_packing_is_reported_under_compile(backend, bad):
+    """The op records invalid packing inputs itself, so a compiled call reports them too (the
+    Python frontend is traced away)."""
+    torch._dynamo.reset()
+    emb = fastnoise.NoisyEmbedding(20, 8, backend=backend).train()
+    ids = torch.randint(0, 20, (2, 6))
+    kwargs = ({"cu_seqlens": torch.tensor([0, 7, 5, 12])} if bad == "cu_seqlens" else
+              {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, -1, 0, 1, 2]])})
+    compiled = torch.compile(emb, backend="aot_eager", fullgraph=True)
+    with pytest.raises((fastnoise.BadPackingError, ValueError), match=bad):
+        out = compiled(ids, **kwargs)
+        assert out.isnan().all()  # on the CPU the op may only record: then check_errors raises
+        fastnoise.check_errors()
+    fastnoise.check_errors()  # reported once

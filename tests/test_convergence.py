@@ -229,6 +229,7 @@ def _stat_runs():
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["train", "held-out"])
 def test_fastnoise_neftune_is_equivalent_to_stock_hook(metric):
     """TOST at 5%: the 90% interval of mean(fastnoise - stock) lies inside +-MARGIN."""
@@ -243,6 +244,7 @@ def test_fastnoise_neftune_is_equivalent_to_stock_hook(metric):
     assert result.equivalent(0.05), result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["train", "held-out"])
 def test_stock_hook_and_fastnoise_both_differ_from_no_noise(metric):
     """At the same alpha both raise the loss over alpha = 0, by more than the margin: the
@@ -311,6 +313,7 @@ def test_packing_stock_hook_noise_is_smaller_by_sqrt_row_over_sequence_length():
             start += length
 
 
+@pytest.mark.slow
 def test_bench_convergence_cli_writes_csv_and_plot_and_resumes(tmp_path, monkeypatch, capsys):
     """``python -m fastnoise bench --convergence --quick`` at toy sizes (and three of the
     methods: the other two take the same path as fastnoise NEFTune's callback): each with

@@ -660,6 +660,7 @@ MUTANTS = {
 
 
 @pytest.mark.parametrize("mutant", list(MUTANTS))
+@pytest.mark.slow
 def test_kernels_with_a_barrier_removed_fail(emu, tmp_path, mutant):
     header, needle, occurrence = MUTANTS[mutant]
     broken = emulator_for(_mutant_root(tmp_path, header, needle, occurrence), sanitize=False,
@@ -691,6 +692,7 @@ def _libasan():
 
 
 @pytest.mark.skipif(SANITIZE, reason="already the sanitizer run")
+@pytest.mark.slow
 def test_under_sanitizers():
     """Part of this file again, against the -fsanitize=address,undefined build (libasan
     preloaded into a child interpreter)."""

@@ -310,3 +310,36 @@ def test_module_checks_its_arguments_when_built():
         fastnoise.NoisyEmbedding(10, 4, embed_scale=math.nan)
     with pytest.raises(ValueError, match="unknown method"):
         fastnoise.NoisyEmbedding.from_embedding(torch.nn.Embedding(10, 4), method="")
+
+
+def test_reported_copies_are_retired_not_reused_in_flight(monkeypatch):
+    """After an error is reported, the async copies still in flight are retired: their values
+    are never read, and their pinned buffers are reused only once their copy has completed
+    (a copy landing in a recycled buffer would otherwise raise a stale error later). CUDA
+    events cannot run here, so the state machine runs on events whose completion the test
+    decides."""
+    from fastnoise import errors
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    state = errors._state(torch.device("cpu"))
+    monkeypatch.setattr(state, "pending", [])
+    monkeypatch.setattr(state, "retired", [])
+    monkeypatch.setattr(state, "spare", [])
+    reported = (torch.tensor([1, 7, 10, 0]), Event(True))
+    in_flight = (torch.zeros(4, dtype=torch.int64), Event(False))
+    state.pending = [reported, in_flight]
+    with pytest.raises(fastnoise.BadTokenIdError, match="token id 7"):
+        errors._raise_from(state, reported[0].tolist(), "test")
+    assert state.pending == [] and state.retired == [reported, in_flight]
+    spare = state.take_spare()
+    assert spare is reported  # complete: reused
+    assert state.retired == [in_flight]  # still in flight: kept out of use
+    in_flight[1].done = True
+    assert state.take_spare() is in_flight
+    state.buffer.zero_()

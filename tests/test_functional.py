@@ -280,3 +280,38 @@ def test_noisytune_refuses_graph_capture():
     with pytest.raises(RuntimeError, match="cannot be captured"):
         with torch.cuda.graph(graph):
             fastnoise.noisytune_([w])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_training_false_is_the_plain_embedding(symmetric):
+    """As F.dropout's ``training``: False returns exactly F.embedding (times embed_scale, in
+    the weight's dtype), without noise and without the pair; True is the default."""
+    weight = torch.randn(30, 8, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, 30, (2, 5))
+    out = fastnoise.noisy_embedding(ids, weight, symmetric=symmetric, training=False,
+                                    padding_idx=3, embed_scale=2.7)
+    assert torch.equal(out, F.embedding(ids, weight, 3) * torch.tensor(2.7).to(torch.bfloat16))
+    out.float().sum().backward()
+    assert weight.grad[3].abs().sum() == 0  # padding_idx as F.embedding
+    noisy = fastnoise.noisy_embedding(ids, weight, symmetric=symmetric, seed=1)
+    assert noisy.shape[0] == (4 if symmetric else 2)
+    assert not torch.equal(noisy[:2], F.embedding(ids, weight))
+
+
+def test_settled_call_is_reused_and_follows_the_weight():
+    """Resolved once per (backend, device, dtype); a module whose weight changes dtype, or
+    whose backend setting changes, settles again."""
+    from fastnoise import ops
+    emb = fastnoise.NoisyEmbedding(20, 8, backend="reference").train()
+    ids = torch.randint(0, 20, (2, 3))
+    emb(ids)
+    first = emb.__dict__["_fastnoise_call"]
+    emb(ids)
+    assert emb.__dict__["_fastnoise_call"] is first
+    assert ops.settle("reference", emb.weight.device, emb.weight.dtype) is first
+    emb.double()
+    assert emb(ids).dtype == torch.float64
+    assert emb.__dict__["_fastnoise_call"].dtype == torch.float64
+    emb.backend = "auto"
+    emb(ids)
+    assert emb.__dict__["_fastnoise_call"].requested == "auto"

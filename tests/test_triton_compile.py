@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses; .ci/run runs them (-m 'not slow' skips)
+
 triton = pytest.importorskip("triton")
 
 WORKER = Path(__file__).with_name("triton_compile_worker.py")
