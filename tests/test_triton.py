@@ -22,6 +22,7 @@ from fastnoise.triton_ops import embedding as E  # noqa: E402
 from fastnoise.triton_ops import noisytune as NT  # noqa: E402
 
 import cuda_graphs  # noqa: E402
+from sorted_backward_order import sorted_backward_sums  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NOISES = ("uniform", "gaussian", "bernoulli")
@@ -236,13 +237,19 @@ def test_forward_embed_scale_no_noise_and_one(dtype):
 
 
 def test_forward_is_reproducible_and_offset_sensitive():
+    """The same call twice gives the reference's bits both times; the counter offset moves
+    the draw to the reference's draw at that offset (the next call's counters)."""
     weight = torch.randn(16, 64, device=DEVICE)
     ids = torch.randint(0, 16, (10,), device=DEVICE)
-    a = _forward(ids, weight, noise="uniform", mag=1.0, seed=9, offset=0)
-    b = _forward(ids, weight, noise="uniform", mag=1.0, seed=9, offset=0)
-    c = _forward(ids, weight, noise="uniform", mag=1.0, seed=9, offset=R.counters_used(
-        "uniform", 10, 64))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    kw = dict(noise="uniform", mag=1.0, seed=9)
+    later = R.counters_used("uniform", 10, 64)
+    a = _forward(ids, weight, offset=0, **kw)
+    b = _forward(ids, weight, offset=0, **kw)
+    c = _forward(ids, weight, offset=later, **kw)
+    assert torch.equal(a, R.noisy_embedding(ids, weight, offset=0, **kw))
+    assert torch.equal(b, a)
+    assert torch.equal(c, R.noisy_embedding(ids, weight, offset=later, **kw))
+    assert not torch.equal(a, c)
 
 
 # --------------------------------------------------------------------------------------
@@ -452,15 +459,160 @@ def test_backward_embed_scale(dtype, symmetric, deterministic):
     assert torch.equal(out[5], torch.zeros_like(out[5]))
 
 
+def _assert_backward_close(got, ref):
+    """Within float32 rounding of the reference's sums (one ulp after rounding to fp16)."""
+    ref = ref.to(got.dtype)
+    rtol = 1e-5 if got.dtype == torch.float32 else 2**-10
+    atol = 1e-5 * float(ref.float().abs().max()) + 1e-4
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+
+
+def _short_rows(ids, vocab):
+    """Rows of ids with at most 32 tokens: summed serially in token order by one program (the
+    reference's order: its bits)."""
+    return torch.bincount(ids.long(), minlength=vocab) <= E._CHUNK
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_backward_deterministic_is_bit_identical(dtype):
-    vocab, n, d = 7, 64, 33
+    """Run to run the same bits; ids with <= 32 tokens get the reference's bits, a frequent
+    id (a long run over several chunks, summed per chunk then combined) its sums to float32
+    rounding."""
+    vocab, n, d = 7, 150, 33
     ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    ids[torch.randperm(n, device=DEVICE)[:100]] = 4  # 100+ tokens: four chunks
     grad = torch.randn(2 * n, d, device=DEVICE).to(dtype)
     kw = dict(padding_idx=None, symmetric=True, deterministic=True)
     a = BACKEND.embedding_backward(grad, ids, vocab, **kw)
     b = BACKEND.embedding_backward(grad, ids, vocab, **kw)
     assert torch.equal(a, b)
+    ref = R.embedding_backward(grad, ids, vocab, symmetric=True)
+    short = _short_rows(ids, vocab)
+    assert not short[4] and short.sum() >= 3
+    assert torch.equal(a[short], ref[short].to(dtype))
+    _assert_backward_close(a, ref)
+    # the long run: its 32-token pieces, summed in chunk order (the CUDA kernels' bits too)
+    assert torch.equal(a.cpu(), sorted_backward_sums(grad.cpu(), ids.cpu(), vocab,
+                                                     symmetric=True))
+
+
+def _skewed_ids(kind, n, vocab, gen):
+    """90 % one token ("skewed"), every token the same ("one"), or runs whose lengths straddle
+    the 32-position chunks ("boundary": 31, 33, 1, 34, 65, 2, 30 tokens, in order, so that
+    they start at many offsets of a chunk). Ids vocab - 5 .. vocab - 1 never occur."""
+    if kind == "one":
+        return torch.full((n,), vocab // 2, dtype=torch.int64)
+    if kind == "skewed":
+        ids = torch.randint(0, vocab - 5, (n,), generator=gen)
+        ids[torch.rand(n, generator=gen) < 0.9] = 1
+        return ids[torch.randperm(n, generator=gen)]
+    lengths = [31, 33, 1, 34, 65, 2, 30]
+    ids = torch.cat([torch.full((m,), k % (vocab - 5)) for k, m in enumerate(lengths)])
+    return torch.cat([ids, torch.randint(0, vocab - 5, (max(0, n - ids.numel()),),
+                                         generator=gen)])[:n]
+
+
+@pytest.mark.parametrize("kind", ["skewed", "one", "boundary"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_skewed_ids(kind, dtype, deterministic, monkeypatch):
+    """A frequent token (EOS / BOS) over many chunks, with pairs, embed_scale and padding:
+    the reference's sums (to float32 rounding), the same bits run to run on the sorted path
+    (fp16 always takes it), the reference's bits for ids with <= 32 tokens; rows without a
+    token and padding_idx zero. The partial sums' buffer starts as NaN: only what the kernels
+    wrote is read."""
+    monkeypatch.setattr(E, "_partials", lambda rows, d, device: torch.full(
+        (rows, d), float("nan"), device=device))
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    vocab, d = 40, 37  # an odd width: masked columns
+    n = {"skewed": 150, "one": 100, "boundary": 196}[kind]  # 3 to 7 chunks (interpreter)
+    ids = _skewed_ids(kind, n, vocab, gen).to(DEVICE)
+    grad = torch.randn(2 * n, d, generator=gen).to(dtype).to(DEVICE)
+    # padding: a rare id, none, or a run across a chunk boundary
+    padding_idx = {"skewed": 3, "one": None, "boundary": 3}[kind]
+    kw = dict(padding_idx=padding_idx, symmetric=True, embed_scale=_embed_scale(d, dtype))
+    got = BACKEND.embedding_backward(grad, ids, vocab, deterministic=deterministic, **kw)
+    ref = R.embedding_backward(grad, ids, vocab, **kw)
+    assert got.shape == (vocab, d) and got.dtype == dtype
+    _assert_backward_close(got, ref)
+    unused = torch.bincount(ids, minlength=vocab) == 0
+    assert unused.any() and not got[unused].any()
+    if padding_idx is not None:
+        assert not got[padding_idx].any()
+    if deterministic or dtype != torch.float32:  # the sorted path
+        short = _short_rows(ids, vocab)
+        assert torch.equal(got[short], ref[short].to(dtype))
+        assert torch.equal(got.cpu(), sorted_backward_sums(grad.cpu(), ids.cpu(), vocab, **kw))
+    if deterministic:
+        again = BACKEND.embedding_backward(grad, ids, vocab, deterministic=True, **kw)
+        assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_empty_and_vocabulary_without_tokens(deterministic):
+    vocab, d = 500, 9
+    for dtype in (torch.float32, torch.float16):
+        empty = BACKEND.embedding_backward(torch.zeros(0, d, device=DEVICE, dtype=dtype),
+                                           torch.zeros(0, dtype=torch.long, device=DEVICE),
+                                           vocab, padding_idx=None, symmetric=False,
+                                           deterministic=deterministic)
+        assert empty.shape == (vocab, d) and empty.dtype == dtype and not empty.any()
+        ids = torch.randint(490, vocab, (45,), device=DEVICE)
+        grad = torch.randn(45, d, device=DEVICE).to(dtype)
+        got = BACKEND.embedding_backward(grad, ids, vocab, padding_idx=None, symmetric=False,
+                                         deterministic=deterministic)
+        _assert_backward_close(got, R.embedding_backward(grad, ids, vocab))
+        assert not got[:490].any()
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_has_no_vocabulary_sized_temporary(deterministic, monkeypatch):
+    """fp16 grads: the sort and partial sums of ceil(N / 32) rows; no (V, d) buffer besides
+    the result (every tensor torch allocates in the call, seen by a dispatch mode; not those
+    the Triton interpreter makes while it runs a kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes, self.paused = [], False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not self.paused:
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor):
+                        self.bytes.append(t.numel() * t.element_size())
+            return out
+
+    seen = Allocations()
+
+    class Unseen:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.paused = True
+                try:
+                    return self.kernel[grid](*args, **kw)
+                finally:
+                    seen.paused = False
+            return launch
+
+    for name in _KERNELS[E]:
+        monkeypatch.setattr(E, name, Unseen(getattr(E, name)))
+    vocab, n, d = 3000, 100, 16
+    ids = torch.randint(0, 50, (n,), device=DEVICE)
+    grad = torch.randn(n, d, device=DEVICE).half()
+    with seen:
+        got = BACKEND.embedding_backward(grad, ids, vocab, padding_idx=None, symmetric=False,
+                                         deterministic=deterministic)
+    result = vocab * d * 2
+    assert got.numel() * got.element_size() == result
+    assert seen.bytes.count(result) == 1
+    others = [b for b in seen.bytes if b != result]
+    assert sum(others) <= 16 * n + 4 * d * -(-n // 32) + 1024, others
 
 
 @pytest.mark.parametrize("d", [1, 5, 300])
@@ -653,8 +805,9 @@ def test_device_guard():
 
 
 _KERNELS = {E: ("_noisy_embedding_fwd_kernel", "_embedding_bwd_atomic_kernel",
-                "_embedding_bwd_sorted_kernel"),
-            NT: ("_noisytune_stats_kernel", "_noisytune_perturb_kernel")}
+                "_embedding_bwd_chunk_kernel", "_embedding_bwd_combine_kernel"),
+            NT: ("_noisytune_stats_kernel", "_noisytune_merge_kernel",
+                 "_noisytune_perturb_kernel")}
 
 
 def test_every_launch_runs_under_the_tensors_device_guard(monkeypatch):
@@ -688,7 +841,7 @@ def test_every_launch_runs_under_the_tensors_device_guard(monkeypatch):
         for name in names:
             monkeypatch.setattr(mod, name, SpyKernel(name, getattr(mod, name)))
     weight = torch.randn(11, 40, device=DEVICE)
-    ids = torch.randint(0, 11, (7,), device=DEVICE)
+    ids = torch.randint(0, 11, (40,), device=DEVICE)  # two chunks: both sorted kernels
     error = torch.zeros(4, dtype=torch.int64, device=DEVICE)
     out = _forward(ids, weight, noise="uniform", mag=0.1, error=error)
     for det in (False, True):
@@ -698,8 +851,8 @@ def test_every_launch_runs_under_the_tensors_device_guard(monkeypatch):
                        starts=[0, 200])
     launched = [e[0] for e in events]
     assert launched == ["_noisy_embedding_fwd_kernel", "_embedding_bwd_atomic_kernel",
-                        "_embedding_bwd_sorted_kernel"] + ["_noisytune_stats_kernel",
-                                                           "_noisytune_perturb_kernel"] * 2
+                        "_embedding_bwd_chunk_kernel", "_embedding_bwd_combine_kernel"] + [
+        "_noisytune_stats_kernel", "_noisytune_merge_kernel", "_noisytune_perturb_kernel"] * 2
     for name, guards, devices in events:
         assert guards == [DEVICE] and devices == {DEVICE}, (name, guards, devices)
 
@@ -801,6 +954,8 @@ def test_gpu_noisytune_mixed_dtypes():
 @needs_cuda
 @pytest.mark.parametrize("noise", NOISES)
 def test_gpu_seed_tensor_equals_seed(noise):
+    """The seed read from a device tensor gives the reference's noise for that seed at
+    offset 0 (the host seed and offset ignored), and the same bits as the seed path."""
     vocab, n, d = 1000, 300, 768
     weight = torch.randn(vocab, d, device="cuda", dtype=torch.bfloat16)
     ids = torch.randint(0, vocab, (n,), device="cuda")
@@ -809,6 +964,11 @@ def test_gpu_seed_tensor_equals_seed(noise):
         want = _forward(ids, weight, seed=seed, offset=0, **kw)
         got = _forward(ids, weight, seed=1, offset=99, **kw,
                        seed_tensor=torch.tensor([_as_i64(seed)], device="cuda"))
+        ref = R.noisy_embedding(ids, weight, seed=seed, offset=0, **kw)
+        if noise == "gaussian":  # ~1e-6 in float32, then one bf16 ulp
+            torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-5)
+        else:
+            assert torch.equal(got, ref)
         assert torch.equal(got, want)
 
 

@@ -3,8 +3,9 @@
 The CPU CI runs the kernels in the interpreter, which never compiles them (and cannot run
 bf16): a kernel that only breaks in real compilation, or starts to spill, would land unseen.
 tests/triton_compile_worker.py compiles every launch variant (all noise kinds and dtypes, the
-flags, both backward kernels, NoisyTune aligned and not) with Triton's bundled ptxas and reads
-the registers and spills with ``ptxas -v``; here we check what it reports.
+flags, the atomic and the two sorted backward kernels, NoisyTune aligned and not, and its
+merge) with Triton's bundled ptxas and reads the registers and spills with ``ptxas -v``; here
+we check what it reports.
 """
 
 import json
@@ -55,9 +56,13 @@ def compiled():
 def test_every_variant_compiles(compiled, arch):
     names = [r["variant"] for r in compiled[arch]]
     assert len(names) == len(set(names)) >= 20
-    for kind in ("uniform", "gaussian", "bernoulli"):
-        for dtype in ("fp32", "fp16", "bf16"):
+    for dtype in ("fp32", "fp16", "bf16"):
+        for kind in ("uniform", "gaussian", "bernoulli"):
             assert f"forward {kind} {dtype}" in names
+        for step in ("chunk", "combine"):
+            assert f"backward {step} {dtype}" in names
+            assert f"backward {step} {dtype} pair+scale" in names
+    assert "noisytune merge" in names
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -76,8 +81,8 @@ def test_aligned_launches_use_16_byte_vectors(compiled, arch):
     # that (a mask or an index the compiler cannot prove aligned) costs bandwidth
     for r in compiled[arch]:
         name = r["variant"]
-        if name.startswith("noisytune") and "unaligned" in name:
-            continue
+        if name.startswith("noisytune") and "unaligned" in name or name == "noisytune merge":
+            continue  # (the merge reads a few float64 partials per tensor, once)
         if name.startswith(("forward", "noisytune")):
             assert r["v4_loads"] > 0, r
         if name.startswith(("forward", "noisytune perturb")):
@@ -93,3 +98,15 @@ def test_noise_needs_no_layout_conversion(compiled, arch):
         if (name.startswith("forward") and "bernoulli" not in name
                 or name.startswith("noisytune perturb") and "unaligned" not in name):
             assert r["dynamic_shared"] == 0, r
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_deterministic_kernels_use_no_atomics(compiled, arch):
+    # the sorted backward writes each row (or partial) from one program; NoisyTune's
+    # statistics only write their partials: the merge is its own launch, so no arrival
+    # counter and no single-thread scalar atomic whose ordering the merge would rely on
+    rows = [r for r in compiled[arch] if r["variant"].startswith(
+        ("backward chunk", "backward combine", "noisytune"))]
+    assert len(rows) >= 20
+    for r in rows:
+        assert r["atomics"] == 0, r

@@ -72,35 +72,53 @@ def variants():
         yield E._noisy_embedding_fwd_kernel, "forward " + name, sig, const, ints, num_warps
     n, d = BIG
     ints = dict(N=n, V=V, d=d, padding_idx=-1)
-    block_t, block_d, _ = E._bwd_config(n, d, True)
+    block_t, block_d, num_warps, _ = E._bwd_config(n, d, True)
     yield (E._embedding_bwd_atomic_kernel, "backward atomic fp32 pair+scale",
            {"grad_ptr": "*fp32", "ids_ptr": "*i64", "out_ptr": "*fp32", "N": "i32", "V": "i32",
             "d": "i32", "padding_idx": "i32", "embed_scale": "fp32"},
-           dict(SYMMETRIC=True, HAS_SCALE=True, BLOCK_T=block_t, BLOCK_D=block_d), ints, 4)
-    _, block_d, _ = E._bwd_config(n, d, False)
-    for dtype in DTYPES:
-        yield (E._embedding_bwd_sorted_kernel, f"backward sorted {dtype} pair+scale",
-               {"grad_ptr": "*" + dtype, "sorted_ids_ptr": "*i64", "perm_ptr": "*i64",
-                "run_end_ptr": "*i64", "out_ptr": "*" + dtype, "N": "i32", "V": "i32",
-                "d": "i32", "padding_idx": "i32", "embed_scale": "fp32"},
-               dict(SYMMETRIC=True, HAS_SCALE=True, BLOCK_R=8, BLOCK_D=block_d), ints, 4)
+           dict(SYMMETRIC=True, HAS_SCALE=True, BLOCK_T=block_t, BLOCK_D=block_d), ints,
+           num_warps)
+    for (n, d), shape in ((BIG, ""), (TINY, " tiny")):
+        _, block_d, num_warps, _ = E._bwd_config(n, d, False)
+        ints = dict(N=n, V=V, d=d, padding_idx=-1)
+        for kernel, step in ((E._embedding_bwd_chunk_kernel, "chunk"),
+                             (E._embedding_bwd_combine_kernel, "combine")):
+            for dtype in DTYPES:
+                for flags, extra in (("", dict(SYMMETRIC=False, HAS_SCALE=False)),
+                                     (" pair+scale", dict(SYMMETRIC=True, HAS_SCALE=True))):
+                    if shape and (dtype != "bf16" or flags):
+                        continue
+                    for ids in ("i64", "i32") if dtype == "bf16" and not flags else ("i64",):
+                        yield (kernel, f"backward {step} {dtype}{flags}{shape}"
+                               + (" int32 ids" if ids == "i32" else ""),
+                               {"grad_ptr": "*" + dtype, "sorted_ids_ptr": "*" + ids,
+                                "perm_ptr": "*i64", "out_ptr": "*" + dtype,
+                                "partial_ptr": "*fp32", "N": "i32", "V": "i32", "d": "i32",
+                                "padding_idx": "i32", "embed_scale": "fp32"},
+                               dict(CHUNK=E._CHUNK, BLOCK_D=block_d, **extra), ints, num_warps)
     for dtype, code in (("fp32", 0), ("fp16", 1), ("bf16", 2)):
         yield from _noisytune_variants(dtype, code, True)
     yield from _noisytune_variants("bf16", 2, False)
+    yield from _noisytune_merge_variant()  # dtype-free: it reads only the float64 partials
 
 
 def _noisytune_variants(dtype, code, aligned):
     name = f" {dtype}" + ("" if aligned else " unaligned")
     yield (NT._noisytune_stats_kernel, "noisytune stats" + name,
-           {"meta_ptr": "*i64", "partial_ptr": "*fp64", "arrive_ptr": "*i32",
-            "stats_ptr": "*fp32", "n_tensors": "i32", "lam": "fp32"},
-           dict(META=NT._META, BLOCK=NT.BLOCK, ITERS=NT.ITERS, MERGE_BLOCK=NT.MERGE_BLOCK,
-                DTYPE=code, ALIGNED=aligned), dict(n_tensors=147), 4)
+           {"meta_ptr": "*i64", "partial_ptr": "*fp64", "n_tensors": "i32"},
+           dict(META=NT._META, BLOCK=NT.BLOCK, ITERS=NT.ITERS, DTYPE=code, ALIGNED=aligned),
+           dict(n_tensors=147), 4)
     yield (NT._noisytune_perturb_kernel, "noisytune perturb" + name,
            {"meta_ptr": "*i64", "stats_ptr": "*fp32", "n_tensors": "i32", "seed_lo": "i32",
             "seed_hi": "i32"},
            dict(META=NT._META, BLOCK=NT.BLOCK, ITERS=NT.ITERS, DTYPE=code, ALIGNED=aligned),
            dict(n_tensors=147), 4)
+
+
+def _noisytune_merge_variant():
+    yield (NT._noisytune_merge_kernel, "noisytune merge",
+           {"meta_ptr": "*i64", "partial_ptr": "*fp64", "stats_ptr": "*fp32", "lam": "fp32"},
+           dict(META=NT._META, CHUNK=NT.CHUNK, MERGE_BLOCK=NT.MERGE_BLOCK), {}, 4)
 
 
 def _signature(kernel, sig, const, ints):

@@ -70,37 +70,42 @@ at::Tensor embedding_backward_cuda(const at::Tensor& grad_out, const at::Tensor&
   }
   const at::Tensor g = grad_out.contiguous();
   cudaStream_t stream = current_stream(grad_out.device());
-  const int sms = sm_count(grad_out.device().index());
-  if (deterministic) {
-    at::Tensor grad = at::zeros({num_weights, d}, grad_out.options());
+  // C3: float32 accumulation, float64 for float64 grads
+  const at::ScalarType acc_type =
+      g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // extra memory besides the (V, d) result (see embedding_kernels.cuh): the sorted path
+  // 16 N bytes of sort output (+ 8 N for int32 ids cast to int64) and at::sort's O(N)
+  // workspace, plus 4 d ceil(N / 32) bytes of partial sums (8 d ceil(N / 32) for float64);
+  // the atomic path none
+  const BackwardPlan plan = plan_backward(g.element_size(), deterministic, n);
+  at::Tensor grad = at::zeros({num_weights, d}, grad_out.options());
+  if (plan.sorted) {
     auto sorted_perm = at::sort(ids.to(at::kLong), /*stable=*/true, /*dim=*/0,
                                 /*descending=*/false);
     const at::Tensor sorted = std::get<0>(sorted_perm).contiguous();
     const at::Tensor perm = std::get<1>(sorted_perm).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, g.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
-          launch_backward_sorted<scalar_t>(
-              g.const_data_ptr<scalar_t>(), sorted.const_data_ptr<int64_t>(),
-              perm.const_data_ptr<int64_t>(), n, d, num_weights, padding, symmetric,
-              embed_scale, grad.data_ptr<scalar_t>(), stream);
-        });
-    return grad;
-  }
-  // C3: float32 accumulation, float64 for float64 grads
-  const at::ScalarType acc_type =
-      g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor acc = at::zeros({num_weights, d}, grad_out.options().dtype(acc_type));
-  const at::Tensor idc = ids.contiguous();
-  AT_DISPATCH_INDEX_TYPES(idc.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
+    at::Tensor partial = at::empty({plan.partial_rows, d}, g.options().dtype(acc_type));
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, g.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
           using A = typename AddType<scalar_t>::type;
-          launch_backward_atomic<scalar_t, index_t>(
-              g.const_data_ptr<scalar_t>(), idc.const_data_ptr<index_t>(), n, d, num_weights,
-              padding, symmetric, embed_scale, acc.data_ptr<A>(), stream, sms);
+          launch_backward_sorted<scalar_t>(
+              g.const_data_ptr<scalar_t>(), sorted.const_data_ptr<int64_t>(),
+              perm.const_data_ptr<int64_t>(), n, d, num_weights, padding, symmetric,
+              embed_scale, grad.data_ptr<scalar_t>(), partial.data_ptr<A>(), stream);
         });
+    return grad;
+  }
+  // float32 / float64: atomics straight into the result (no temporary, no cast)
+  const int sms = sm_count(grad_out.device().index());
+  const at::Tensor idc = ids.contiguous();
+  AT_DISPATCH_INDEX_TYPES(idc.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fastnoise_embedding_backward_cuda", [&] {
+      launch_backward_atomic<scalar_t, index_t>(
+          g.const_data_ptr<scalar_t>(), idc.const_data_ptr<index_t>(), n, d, num_weights,
+          padding, symmetric, embed_scale, grad.data_ptr<scalar_t>(), stream, sms);
+    });
   });
-  return acc.scalar_type() == g.scalar_type() ? acc : acc.to(g.scalar_type());
+  return grad;
 }
 
 }  // namespace

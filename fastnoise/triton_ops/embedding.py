@@ -299,41 +299,172 @@ def _embedding_bwd_atomic_kernel(
 
 
 @triton.jit
-def _embedding_bwd_sorted_kernel(
-    grad_ptr, sorted_ids_ptr, perm_ptr, run_end_ptr, out_ptr, N, V, d, padding_idx,
+def _masked_by(mask, s):
+    """Vector ``mask`` and scalar ``s``. (Not ``mask & s``: the interpreter gives int data for
+    a vector & scalar of masks, which it then refuses as a mask.)"""
+    return tl.where(s, mask, False)
+
+
+@triton.jit
+def _token_row(grad_ptr, perm_ptr, p, take, cols, col_mask, N, d, embed_scale,
+               SYMMETRIC: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """float32 [BLOCK_D]: the grad row of the token at sorted position ``p`` (its pair's row
+    added first, then times embed_scale: the reference's order); zero, with no load, where
+    ``take`` (a scalar) is off."""
+    r = tl.load(perm_ptr + p, mask=take, other=0)
+    m = _masked_by(col_mask, take)
+    g = tl.load(grad_ptr + r * d + cols, mask=m, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        g += tl.load(grad_ptr + (r + N) * d + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g * embed_scale
+    return g
+
+
+@triton.jit
+def _chunk_head(sorted_ids_ptr, c, N, CHUNK: tl.constexpr):
+    """Of chunk c (sorted positions c * CHUNK ..): its first id, its length, the length of
+    its first run in it, whether that run began in an earlier chunk (cut), and whether its
+    last run goes on past it."""
+    p0 = c * CHUNK
+    q = tl.arange(0, CHUNK)
+    m = p0 + q < N
+    ids = tl.load(sorted_ids_ptr + p0 + q, mask=m, other=0).to(tl.int64)
+    first_id = tl.load(sorted_ids_ptr + p0).to(tl.int64)
+    length = tl.minimum(N - p0, CHUNK)
+    head_len = tl.sum((m & (ids == first_id)).to(tl.int32))
+    before = tl.load(sorted_ids_ptr + p0 - 1, mask=c > 0, other=0).to(tl.int64)
+    head_cut = (c > 0) & (before == first_id)
+    last_id = tl.load(sorted_ids_ptr + p0 + length - 1).to(tl.int64)
+    more = p0 + CHUNK < N
+    after = tl.load(sorted_ids_ptr + p0 + CHUNK, mask=more, other=0).to(tl.int64)
+    tail_goes_on = more & (after == last_id)
+    return first_id, length, head_len, head_cut, tail_goes_on
+
+
+@triton.jit
+def _chunk_token(grad_ptr, sorted_ids_ptr, perm_ptr, p0, j, length, skip, cols, col_mask, N, V,
+                 d, padding_idx, embed_scale, SYMMETRIC: tl.constexpr,
+                 HAS_SCALE: tl.constexpr):
+    """Position j of the chunk at p0: its id, whether its row is summed here, and the row."""
+    here = j < length
+    tok = tl.load(sorted_ids_ptr + p0 + j, mask=here, other=0).to(tl.int64)
+    take = here & (j >= skip) & (tok >= 0) & (tok < V) & (tok != padding_idx)
+    g = _token_row(grad_ptr, perm_ptr, p0 + j, take, cols, col_mask, N, d, embed_scale,
+                   SYMMETRIC, HAS_SCALE)
+    return tok, take, g
+
+
+@triton.jit
+def _embedding_bwd_chunk_kernel(
+    grad_ptr, sorted_ids_ptr, perm_ptr, out_ptr, partial_ptr, N, V, d, padding_idx,
     embed_scale,
-    SYMMETRIC: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+    SYMMETRIC: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Segmented sum over runs of equal sorted ids: the program at the first position of a
-    run adds the run's grad rows in a fixed order (stable sort, fixed tree) in fp32 and
-    writes its row once.
-    Deterministic, no atomics, no fp32 (V, d) temporary; other programs exit at once."""
-    i = tl.program_id(0).to(tl.int64)
+    """Sorted backward, step 1: program (c, column block) walks the CHUNK sorted positions of
+    chunk c in order (unrolled, each row loaded 4 positions ahead: the row stores at run ends
+    would otherwise hold back the next loads), summing each run of equal ids serially in
+    fp32: the reference's order, so a run inside the chunk gets the reference's bits. A run
+    * that began and ends in the chunk: its row is written here, once;
+    * that goes on past the chunk: a long run (> CHUNK tokens) leaves this piece in
+      partial[c] (a middle piece covers the whole chunk); a short one is left to the combine
+      kernel of the next chunk (which sums it whole, in order);
+    * that began in an earlier chunk and ends here: is left to the combine kernel (skipped)."""
+    c = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    idx = tl.load(sorted_ids_ptr + i).to(tl.int64)
-    prev = tl.load(sorted_ids_ptr + i - 1, mask=i > 0, other=-1).to(tl.int64)
-    if (prev != idx) & (idx != padding_idx) & (idx >= 0) & (idx < V):
+    p0 = c * CHUNK
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < d
+    first_id, length, head_len, head_cut, tail_goes_on = _chunk_head(sorted_ids_ptr, c, N,
+                                                                     CHUNK)
+    middle_piece = (head_len == length) & tail_goes_on
+    skip = tl.where(head_cut & (middle_piece == 0), head_len, 0)  # the combine's first run
+    # the window: positions i .. i + 3
+    t0, k0, g0 = _chunk_token(grad_ptr, sorted_ids_ptr, perm_ptr, p0, 0, length, skip, cols,
+                              col_mask, N, V, d, padding_idx, embed_scale, SYMMETRIC, HAS_SCALE)
+    t1, k1, g1 = _chunk_token(grad_ptr, sorted_ids_ptr, perm_ptr, p0, 1, length, skip, cols,
+                              col_mask, N, V, d, padding_idx, embed_scale, SYMMETRIC, HAS_SCALE)
+    t2, k2, g2 = _chunk_token(grad_ptr, sorted_ids_ptr, perm_ptr, p0, 2, length, skip, cols,
+                              col_mask, N, V, d, padding_idx, embed_scale, SYMMETRIC, HAS_SCALE)
+    t3, k3, g3 = _chunk_token(grad_ptr, sorted_ids_ptr, perm_ptr, p0, 3, length, skip, cols,
+                              col_mask, N, V, d, padding_idx, embed_scale, SYMMETRIC, HAS_SCALE)
+    acc = g0 + 0.0  # 0 + the first row, as the reference's zeroed sums (-0.0 -> +0.0)
+    run_start = p0
+    prev = t0
+    for i in tl.static_range(CHUNK):
+        p = p0 + i
+        if i + 4 < CHUNK:
+            t4, k4, g4 = _chunk_token(grad_ptr, sorted_ids_ptr, perm_ptr, p0, i + 4, length,
+                                      skip, cols, col_mask, N, V, d, padding_idx, embed_scale,
+                                      SYMMETRIC, HAS_SCALE)
+        else:
+            t4, k4, g4 = t3, k3, g3  # past the chunk: never used
+        if i > 0:
+            run_start = tl.where(t0 != prev, p, run_start)
+            acc = tl.where(run_start == p, 0.0, acc) + g0
+        run_end = k0 & ((p + 1 >= N) | (i == CHUNK - 1) | (t1 != t0))
+        cut_tail = run_end & (i == length - 1) & tail_goes_on
+        # goes on: a long run (its token CHUNK after its start has its id) -> partial
+        far = run_start + CHUNK
+        far_id = tl.load(sorted_ids_ptr + far, mask=cut_tail & (far < N), other=0).to(tl.int64)
+        long_run = (far < N) & (far_id == t0)
+        tl.store(out_ptr + t0 * d + cols, acc.to(out_ptr.dtype.element_ty),
+                 mask=_masked_by(col_mask, run_end & (cut_tail == 0)))
+        tl.store(partial_ptr + c * d + cols, acc, mask=_masked_by(col_mask, cut_tail & long_run))
+        prev = t0
+        t0, k0, g0 = t1, k1, g1
+        t1, k1, g1 = t2, k2, g2
+        t2, k2, g2 = t3, k3, g3
+        t3, k3, g3 = t4, k4, g4
+
+
+@triton.jit
+def _embedding_bwd_combine_kernel(
+    grad_ptr, sorted_ids_ptr, perm_ptr, out_ptr, partial_ptr, N, V, d, padding_idx,
+    embed_scale,
+    SYMMETRIC: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Sorted backward, step 2: program (c, column block) finishes the run that began before
+    chunk c and ends in it: a short one (<= CHUNK tokens) summed whole in token order, a
+    long one as the partials of its earlier chunks (in chunk order) plus its last piece.
+    Other programs exit at once."""
+    c = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    p0 = c * CHUNK
+    first_id, length, head_len, head_cut, tail_goes_on = _chunk_head(sorted_ids_ptr, c, N,
+                                                                     CHUNK)
+    ends_here = head_cut & (((head_len == length) & tail_goes_on) == 0)
+    valid = (first_id >= 0) & (first_id < V) & (first_id != padding_idx)
+    if ends_here & valid:
+        # the run's first position: the lower bound of first_id in sorted[0, p0)
+        lo = p0 * 0
+        hi = p0 - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            below = tl.load(sorted_ids_ptr + mid).to(tl.int64) < first_id
+            lo = tl.where(below, mid + 1, lo)
+            hi = tl.where(below, hi, mid)
+        last = p0 + head_len - 1
         cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         col_mask = cols < d
-        end = tl.load(run_end_ptr + i)
+        # short: all its rows (from chunks c - 1 and c) in token order; long: the partials of
+        # its earlier chunks in chunk order, plus its piece in chunk c
+        short = last - lo + 1 <= CHUNK
+        start = tl.where(short, lo, p0)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        # BLOCK_R rows a step: their perm indices load together, so a long run (a frequent
-        # token) keeps BLOCK_R row loads in flight instead of one dependent load at a time
-        for j in range(i, end, BLOCK_R):
-            jj = j + tl.arange(0, BLOCK_R)
-            rm = jj < end
-            r = tl.load(perm_ptr + jj, mask=rm, other=0)
-            m2 = rm[:, None] & col_mask[None, :]
-            offs = r[:, None] * d + cols[None, :]
-            g = tl.load(grad_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-            if SYMMETRIC:
-                g += tl.load(grad_ptr + (r[:, None] + N) * d + cols[None, :], mask=m2,
-                             other=0.0).to(tl.float32)
-            if HAS_SCALE:
-                g = g * embed_scale  # each row scaled before the sum, as the reference
-            acc += tl.sum(g, axis=0)  # fixed tree per step: still deterministic
-        tl.store(out_ptr + idx * d + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+        for k in range(lo // CHUNK, tl.where(short, 0, c)):
+            acc += tl.load(partial_ptr + k * d + cols, mask=col_mask, other=0.0)
+        piece = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for i in tl.static_range(CHUNK):
+            take = start + i <= last
+            g = _token_row(grad_ptr, perm_ptr, start + i, take, cols, col_mask, N, d,
+                           embed_scale, SYMMETRIC, HAS_SCALE)
+            piece = tl.where(take, piece + g, piece)
+        acc = tl.where(short, piece, acc + piece)
+        tl.store(out_ptr + first_id * d + cols, acc.to(out_ptr.dtype.element_ty),
+                 mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -388,15 +519,20 @@ def _fwd_config(n: int, d: int, noise: int):
     return block_t, block_d, num_warps, grid
 
 
+#: sorted positions a program of the sorted backward sums at once (its chunk)
+_CHUNK = 32
+
+
 @functools.lru_cache(maxsize=4096)
 def _bwd_config(n: int, d: int, atomic: bool):
-    """(block_t, block_d, grid): the atomic kernel tiles tokens; the sorted kernel runs one
-    program per sorted position (and column block), block_t unused."""
-    block_d = min(_block_d(d), 512)
+    """(block_t, block_d, num_warps, grid): the atomic kernel tiles tokens; the sorted kernels
+    run one program per (chunk of _CHUNK sorted positions, column block), block_t unused."""
     if atomic:
+        block_d = min(_block_d(d), 512)
         block_t = max(1, min(4096 // block_d, triton.next_power_of_2(n)))
-        return block_t, block_d, (triton.cdiv(n, block_t), triton.cdiv(d, block_d))
-    return 1, block_d, (n, triton.cdiv(d, block_d))
+        return block_t, block_d, 4, (triton.cdiv(n, block_t), triton.cdiv(d, block_d))
+    block_d = min(_block_d(d), 512)
+    return 1, block_d, 4, (triton.cdiv(n, _CHUNK), triton.cdiv(d, block_d))
 
 
 def noisy_embedding_forward(ids, weight, out, *, noise, mag, tok_mag, seed, offset, symmetric,
@@ -449,31 +585,45 @@ def embedding_backward(grad_out, ids, num_weights, *, padding_idx, symmetric, de
                                    deterministic, embed_scale)
 
 
+def _partials(rows, d, device):
+    """The sorted backward's float32 partial sums (a chunk's piece of a run that goes on);
+    each row read is written first."""
+    return torch.empty(rows, d, dtype=torch.float32, device=device)
+
+
 def _embedding_backward(grad_out, ids, num_weights, padding_idx, symmetric, deterministic,
                         embed_scale):
     n = ids.shape[0]
     d = grad_out.shape[-1]
     grad_out = grad_out.contiguous()
     out = torch.zeros(num_weights, d, dtype=grad_out.dtype, device=grad_out.device)
+    if n == 0 or d == 0 or num_weights == 0:
+        return out
     pad = -1 if padding_idx is None else int(padding_idx)
     if pad < 0 and padding_idx is not None:
         pad += num_weights
     has_scale = float(embed_scale) != 1.0
     if grad_out.dtype == torch.float32 and not deterministic:
-        block_t, block_d, grid = _bwd_config(n, d, True)
+        # extra memory: none (atomics straight into the result)
+        block_t, block_d, num_warps, grid = _bwd_config(n, d, True)
         _embedding_bwd_atomic_kernel[grid](
             grad_out, ids, out, n, num_weights, d, pad, float(embed_scale),
             SYMMETRIC=bool(symmetric), HAS_SCALE=has_scale, BLOCK_T=block_t, BLOCK_D=block_d,
-            num_warps=4, enable_fp_fusion=False,
+            num_warps=num_warps, enable_fp_fusion=False,
         )
         return out
-    # half-precision grads (or deterministic): sort + segmented fp32 sums, one write per row
+    # half-precision grads (or deterministic): sort, then fp32 sums of runs per chunk of
+    # sorted positions, partial sums of runs across chunks combined in chunk order; each row
+    # written once. Extra memory: the sort (ids' dtype + int64 positions: 12 or 16 N bytes,
+    # plus torch.sort's O(N) workspace) and 4 d ceil(N / 32) bytes of partials; never (V, d).
     sorted_ids, perm = torch.sort(ids, stable=True)
-    run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-    _, block_d, grid = _bwd_config(n, d, False)
-    _embedding_bwd_sorted_kernel[grid](
-        grad_out, sorted_ids, perm, run_end, out, n, num_weights, d, pad, float(embed_scale),
-        SYMMETRIC=bool(symmetric), HAS_SCALE=has_scale, BLOCK_R=8, BLOCK_D=block_d,
-        num_warps=4, enable_fp_fusion=False,
-    )
+    _, block_d, num_warps, grid = _bwd_config(n, d, False)
+    partial = _partials(grid[0], d, grad_out.device)
+    args = (grad_out, sorted_ids, perm, out, partial, n, num_weights, d, pad,
+            float(embed_scale))
+    meta = dict(SYMMETRIC=bool(symmetric), HAS_SCALE=has_scale, CHUNK=_CHUNK, BLOCK_D=block_d,
+                num_warps=num_warps, enable_fp_fusion=False)
+    _embedding_bwd_chunk_kernel[grid](*args, **meta)
+    if grid[0] > 1:  # runs across chunks
+        _embedding_bwd_combine_kernel[grid](*args, **meta)
     return out

@@ -9,19 +9,21 @@ random words can be laid out like its 16-byte vectors of data (no shared-memory 
 
 1. stats (contract C2): each chunk computes the float64 (mean, M2) of its elements shifted
    by the tensor's first element (the shift keeps sums small for tensors with a large mean),
-   block by block with a two-pass block M2 and Chan's merge, from the exact element values.
-   It stores them in a float64 partials buffer (2 a chunk: the only extra memory besides
-   O(#tensors) tables; a single-writer merge needs them) and bumps the tensor's arrival
-   counter; the last chunk to arrive merges the tensor's partials in chunk order (float64,
-   deterministic) into std64 and writes s = float32(float32(lam) * float32(std64)), or a skip
-   flag (n < 2, s not finite or 0). float32 statistics would overflow from a std of ~1e18
-   and miss the reference's std by float32 rounding.
+   block by block with a two-pass block M2 and Chan's merge, from the exact element values,
+   and stores them in a float64 partials buffer (2 a chunk: the only extra memory besides
+   O(#tensors) tables). float32 statistics would overflow from a std of ~1e18 and miss the
+   reference's std by float32 rounding.
+   merge: one program per tensor (a launch of its own, after every partial is written: no
+   arrival counter, no ordering between programs to get right; NoisyTune runs once per
+   training run, so the extra launch costs nothing that matters) merges the tensor's partials
+   in chunk order (float64, deterministic) into std64 and writes
+   s = float32(float32(lam) * float32(std64)), or a skip flag (n < 2, s not finite or 0).
    Given ``stds`` (C5, e.g. a sharded tensor's global std), s is computed on the host by the
-   same rule and this pass is skipped.
+   same rule and these two launches are skipped.
 2. perturb: each chunk draws its Philox words (counter start + i // 4, word i % 4) and adds
    (u - 0.5) * s in place.
 
-Both launches run under the tensors' device guard (see embedding.device_guard).
+Every launch runs under the tensors' device guard (see embedding.device_guard).
 """
 
 import torch
@@ -109,24 +111,22 @@ def _store_f32(ptr_i64, offs, y, full, numel, DTYPE: tl.constexpr, ALIGNED: tl.c
 def _chunk_partials(partial_ptr, first, c0, n_chunks, numel, WITH_M2: tl.constexpr,
                     CHUNK: tl.constexpr, MERGE_BLOCK: tl.constexpr):
     """Chunks c0 .. c0 + MERGE_BLOCK of a tensor whose first chunk is ``first``: (in range,
-    element count, mean, M2 if WITH_M2 else 0), float64, read through L2 (other programs
-    wrote them)."""
+    element count, mean, M2 if WITH_M2 else 0), float64."""
     cc = c0 + tl.arange(0, MERGE_BLOCK)
     cm = cc < n_chunks
     cnt = tl.minimum(numel - cc * CHUNK, CHUNK).to(tl.float64)
-    pm = tl.load(partial_ptr + (first + cc) * 2, mask=cm, other=0.0, cache_modifier=".cg")
+    pm = tl.load(partial_ptr + (first + cc) * 2, mask=cm, other=0.0)
     pm2 = pm * 0.0
     if WITH_M2:
-        pm2 = tl.load(partial_ptr + (first + cc) * 2 + 1, mask=cm, other=0.0,
-                      cache_modifier=".cg")
+        pm2 = tl.load(partial_ptr + (first + cc) * 2 + 1, mask=cm, other=0.0)
     return cm, cnt, pm, pm2
 
 
 @triton.jit
-def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tensors, lam,
+def _noisytune_stats_kernel(meta_ptr, partial_ptr, n_tensors,
                             META: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                            MERGE_BLOCK: tl.constexpr, DTYPE: tl.constexpr,
-                            ALIGNED: tl.constexpr):
+                            DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """One chunk's float64 (mean, M2) of x - x[0], to partial_ptr[2 * chunk + 0/1]."""
     pid = tl.program_id(0).to(tl.int64)
     k = _find_tensor(meta_ptr, pid, n_tensors, META)
     ptr = tl.load(meta_ptr + k * META)
@@ -162,32 +162,38 @@ def _noisytune_stats_kernel(meta_ptr, partial_ptr, arrive_ptr, stats_ptr, n_tens
         n = tot
     tl.store(partial_ptr + pid * 2, mean)
     tl.store(partial_ptr + pid * 2 + 1, m2)
-    # every thread's partial store lands before the release below (threadfence-reduction idiom)
-    tl.debug_barrier()
-    n_chunks = tl.cdiv(numel, BLOCK * ITERS)
-    arrived = tl.atomic_add(arrive_ptr + k, 1, sem="acq_rel")
-    if arrived == n_chunks - 1:
-        # last chunk of tensor k: merge its partials in chunk order (deterministic), float64
-        numel_f = numel.to(tl.float64)
-        tot = tl.zeros([MERGE_BLOCK], dtype=tl.float64)
-        for c0 in range(0, n_chunks, MERGE_BLOCK):
-            cm, cnt, pm, _ = _chunk_partials(partial_ptr, first, c0, n_chunks, numel, False,
-                                             BLOCK * ITERS, MERGE_BLOCK)
-            tot += tl.where(cm, cnt * pm, 0.0)
-        gmean = tl.sum(tot) / numel_f
-        acc = tl.zeros([MERGE_BLOCK], dtype=tl.float64)
-        for c0 in range(0, n_chunks, MERGE_BLOCK):
-            cm, cnt, pm, pm2 = _chunk_partials(partial_ptr, first, c0, n_chunks, numel, True,
-                                               BLOCK * ITERS, MERGE_BLOCK)
-            dm = pm - gmean
-            acc += tl.where(cm, pm2 + cnt * dm * dm, 0.0)
-        var = tl.sum(acc) / tl.maximum(numel_f - 1.0, 1.0)  # numel < 2 is skipped below
-        # C2: s = float32(float32(lam) * float32(std64)); lam arrives as float32
-        s = lam * tl.sqrt(var).to(tl.float32)
-        # skip numel < 2, s == 0 and non-finite s (NaN fails |s| <= FLT_MAX)
-        ok = (numel >= 2) & (s != 0.0) & (tl.abs(s) <= 3.4028234663852886e38)
-        tl.store(stats_ptr + k * 2, s)
-        tl.store(stats_ptr + k * 2 + 1, ok.to(tl.float32))
+
+
+@triton.jit
+def _noisytune_merge_kernel(meta_ptr, partial_ptr, stats_ptr, lam,
+                            META: tl.constexpr, CHUNK: tl.constexpr,
+                            MERGE_BLOCK: tl.constexpr):
+    """Program k: tensor k's partials, merged in chunk order (float64, deterministic), to
+    stats_ptr[2 k] = s (C2) and stats_ptr[2 k + 1] = 1.0, or 0.0 to leave it unchanged."""
+    k = tl.program_id(0).to(tl.int64)
+    numel = tl.load(meta_ptr + k * META + 1)
+    first = tl.load(meta_ptr + k * META + 3)
+    n_chunks = tl.cdiv(numel, CHUNK)
+    numel_f = numel.to(tl.float64)
+    tot = tl.zeros([MERGE_BLOCK], dtype=tl.float64)
+    for c0 in range(0, n_chunks, MERGE_BLOCK):
+        cm, cnt, pm, _ = _chunk_partials(partial_ptr, first, c0, n_chunks, numel, False, CHUNK,
+                                         MERGE_BLOCK)
+        tot += tl.where(cm, cnt * pm, 0.0)
+    gmean = tl.sum(tot) / numel_f
+    acc = tl.zeros([MERGE_BLOCK], dtype=tl.float64)
+    for c0 in range(0, n_chunks, MERGE_BLOCK):
+        cm, cnt, pm, pm2 = _chunk_partials(partial_ptr, first, c0, n_chunks, numel, True, CHUNK,
+                                           MERGE_BLOCK)
+        dm = pm - gmean
+        acc += tl.where(cm, pm2 + cnt * dm * dm, 0.0)
+    var = tl.sum(acc) / tl.maximum(numel_f - 1.0, 1.0)  # numel < 2 is skipped below
+    # C2: s = float32(float32(lam) * float32(std64)); lam arrives as float32
+    s = lam * tl.sqrt(var).to(tl.float32)
+    # skip numel < 2, s == 0 and non-finite s (NaN fails |s| <= FLT_MAX)
+    ok = (numel >= 2) & (s != 0.0) & (tl.abs(s) <= 3.4028234663852886e38)
+    tl.store(stats_ptr + k * 2, s)
+    tl.store(stats_ptr + k * 2 + 1, ok.to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
@@ -222,7 +228,7 @@ def _noisytune_perturb_kernel(meta_ptr, stats_ptr, n_tensors, seed_lo, seed_hi,
 
 def noisytune_(tensors, lam, *, seed, starts, stds=None):
     """Perturb every tensor in place; tensor k draws from counter starts[k] on and, with
-    ``stds`` (a float per tensor, C5), uses stds[k] as its std64. Two launches per (device,
+    ``stds`` (a float per tensor, C5), uses stds[k] as its std64. Three launches per (device,
     dtype) present (one with stds). Every tensor is checked before any is touched."""
     tensors = list(tensors)
     if len(starts) != len(tensors) or stds is not None and len(stds) != len(tensors):
@@ -272,11 +278,15 @@ def _launch(device, members, lam, seed_lo, seed_hi, dtype_code):
     else:
         stats = torch.empty(k * 2, dtype=torch.float32, device=device)
         partials = torch.empty(first * 2, dtype=torch.float64, device=device)
-        arrive = torch.zeros(k, dtype=torch.int32, device=device)
         _noisytune_stats_kernel[(first,)](
-            meta, partials, arrive, stats, k, lam,
-            META=_META, BLOCK=BLOCK, ITERS=ITERS, MERGE_BLOCK=MERGE_BLOCK, DTYPE=dtype_code,
-            ALIGNED=aligned, num_warps=4, enable_fp_fusion=False,
+            meta, partials, k,
+            META=_META, BLOCK=BLOCK, ITERS=ITERS, DTYPE=dtype_code, ALIGNED=aligned,
+            num_warps=4, enable_fp_fusion=False,
+        )
+        _noisytune_merge_kernel[(k,)](
+            meta, partials, stats, lam,
+            META=_META, CHUNK=CHUNK, MERGE_BLOCK=MERGE_BLOCK, num_warps=4,
+            enable_fp_fusion=False,
         )
     _noisytune_perturb_kernel[(first,)](
         meta, stats, k, seed_lo, seed_hi,

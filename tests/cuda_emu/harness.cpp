@@ -162,33 +162,47 @@ int emu_plan_forward_vec(int64_t kind, int64_t V, int64_t d, int64_t w_stride,
   return plan_forward(kind, 1, d, w_stride, elem_bytes, weight, out, 1).vec ? 1 : 0;
 }
 
+// The backward's plan (as embedding.cu takes it): out[0] = 1 for the sorted path, out[1] =
+// the rows of its partial buffer.
+void emu_plan_backward(int64_t elem_bytes, int deterministic, int64_t n, int64_t* out) {
+  const BackwardPlan p = plan_backward(elem_bytes, deterministic != 0, n);
+  out[0] = p.sorted ? 1 : 0;
+  out[1] = p.partial_rows;
+}
+
 int emu_backward_sorted(int64_t dtype, const void* g, const int64_t* sorted,
                         const int64_t* perm, int64_t n, int64_t d, int64_t V, int64_t padding,
-                        int symmetric, double embed_scale, void* grad) {
+                        int symmetric, double embed_scale, void* grad, void* partial) {
   return guarded([&] {
     if (n == 0 || d == 0 || V == 0) return;
     dispatch_float(dtype, [&](auto ft) {
       using T = typename decltype(ft)::type;
+      using A = typename AddType<T>::type;
       launch_backward_sorted<T>(static_cast<const T*>(g), sorted, perm, n, d, V, padding,
-                                symmetric != 0, embed_scale, static_cast<T*>(grad), nullptr);
+                                symmetric != 0, embed_scale, static_cast<T*>(grad),
+                                static_cast<A*>(partial), nullptr);
     });
   });
 }
 
+// float32 / float64 grads only (atomics straight into the result, as embedding.cu).
 int emu_backward_atomic(int64_t dtype, int ids_int32, const void* g, const void* ids, int64_t n,
                         int64_t d, int64_t V, int64_t padding, int symmetric,
-                        double embed_scale, void* acc) {
+                        double embed_scale, void* grad) {
   return guarded([&] {
     if (n == 0 || d == 0 || V == 0) return;
     dispatch_index(ids_int32, [&](auto it) {
       using I = typename decltype(it)::type;
       dispatch_float(dtype, [&](auto ft) {
         using T = typename decltype(ft)::type;
-        using A = typename AddType<T>::type;
-        launch_backward_atomic<T, I>(static_cast<const T*>(g), static_cast<const I*>(ids), n,
-                                     d, V, padding, symmetric != 0, embed_scale,
-                                     static_cast<A*>(acc), nullptr,
-                                     fastnoise_emu::config().sms);
+        if constexpr (sizeof(T) == 2) {
+          throw std::runtime_error("harness: the atomic backward takes float32/float64 only");
+        } else {
+          launch_backward_atomic<T, I>(static_cast<const T*>(g), static_cast<const I*>(ids),
+                                       n, d, V, padding, symmetric != 0, embed_scale,
+                                       static_cast<T*>(grad), nullptr,
+                                       fastnoise_emu::config().sms);
+        }
       });
     });
   });
