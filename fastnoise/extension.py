@@ -107,6 +107,8 @@ class ExtensionBackend:
         if device.type != self.device_type:
             return (f"the {self.name!r} backend runs on {self.device_type} tensors, "
                     f"not {device.type}")
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device here (torch.cuda.is_available() is False)"
         if self.device_type == "cuda" and not cuda_built():
             return ("the fastnoise C++ extension was built without its CUDA kernels: "
                     "reinstall with nvcc (CUDA_HOME) and a CUDA build of torch present: "

@@ -315,3 +315,13 @@ def test_settled_call_is_reused_and_follows_the_weight():
     emb.backend = "auto"
     emb(ids)
     assert emb.__dict__["_fastnoise_call"].requested == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_no_gpu_backend_is_listed_without_a_gpu():
+    """available_backends("cuda") lists only what can run there, and says why not the rest."""
+    from fastnoise.backends import get_backend
+    assert fastnoise.available_backends("cuda") == ["reference"]
+    for name in ("triton", "cuda"):
+        reason = get_backend(name).unavailable_reason(torch.device("cuda"))
+        assert reason is not None and ("CUDA device" in reason or "extension" in reason)

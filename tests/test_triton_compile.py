@@ -63,6 +63,7 @@ def test_every_variant_compiles(compiled, arch):
             assert f"backward {step} {dtype}" in names
             assert f"backward {step} {dtype} pair+scale" in names
     assert "noisytune merge" in names
+    assert {"token scale rows mask+positions error", "token scale cu_seqlens mask"} <= set(names)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -25,6 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastnoise.triton_ops import embedding as E  # noqa: E402
 from fastnoise.triton_ops import noisytune as NT  # noqa: E402
+from fastnoise.triton_ops import token_scale as TS  # noqa: E402
 
 DTYPES = ("fp32", "fp16", "bf16")
 #: the shapes of #3's targets (B=8 L=2048 d=4096) and its tiny shape (B=1 L=512 d=768)
@@ -100,6 +101,7 @@ def variants():
         yield from _noisytune_variants(dtype, code, True)
     yield from _noisytune_variants("bf16", 2, False)
     yield from _noisytune_merge_variant()  # dtype-free: it reads only the float64 partials
+    yield from _token_scale_variants()
 
 
 def _noisytune_variants(dtype, code, aligned):
@@ -119,6 +121,28 @@ def _noisytune_merge_variant():
     yield (NT._noisytune_merge_kernel, "noisytune merge",
            {"meta_ptr": "*i64", "partial_ptr": "*fp64", "stats_ptr": "*fp32", "lam": "fp32"},
            dict(META=NT._META, CHUNK=NT.CHUNK, MERGE_BLOCK=NT.MERGE_BLOCK), {}, 4)
+
+
+def _token_scale_variants():
+    """The per-token scale of a mask or packed rows: rows of 2048 tokens, 16 K tokens."""
+    n, row = BIG[0], 2048
+    rows_sig = {"mask_ptr": "*i64", "pos_ptr": "*i64", "mag_ptr": "*fp32", "first_ptr": "*i32",
+                "scratch_ptr": "*i32", "error_ptr": "*i64", "n": "i32", "row": "i32", "d": "i32",
+                "alpha_bits": "i64"}
+    for name, mask, pos in (("mask", True, False), ("positions", False, True),
+                            ("mask+positions", True, True)):
+        yield (TS._token_scale_rows_kernel, f"token scale rows {name} error", rows_sig,
+               dict(HAS_MASK=mask, HAS_POS=pos, HAS_ERROR=True, BLOCK=TS.BLOCK),
+               dict(n=n, row=row, d=BIG[1]), 4)
+    cu_sig = {"mask_ptr": "*i64", "cu_ptr": "*i32", "scratch_ptr": "*i32", "mag_ptr": "*fp32",
+              "error_ptr": "*i64", "n": "i32", "cu_len": "i32", "d": "i32", "alpha_bits": "i64"}
+    for mask in (False, True):
+        yield (TS._token_scale_cu_kernel, "token scale cu_seqlens" + (" mask" if mask else ""),
+               cu_sig, dict(STEPS=10, HAS_MASK=mask, HAS_ERROR=True, BLOCK=TS.BLOCK),
+               dict(n=n, cu_len=65, d=BIG[1]), 4)
+    yield (TS._token_scale_cu_count_kernel, "token scale cu_seqlens mask count",
+           {"mask_ptr": "*i64", "cu_ptr": "*i32", "scratch_ptr": "*i32", "n": "i32"},
+           dict(BLOCK=TS.BLOCK), dict(n=n), 4)
 
 
 def _signature(kernel, sig, const, ints):

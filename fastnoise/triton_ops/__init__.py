@@ -46,6 +46,8 @@ class TritonBackend:
             return f"needs a CUDA device or TRITON_INTERPRET=1 (got {device.type})"
         elif _INTERPRETED_AT_IMPORT:
             return "the Triton interpreter is on (TRITON_INTERPRET=1): CPU tensors only"
+        elif not torch.cuda.is_available():
+            return "no CUDA device here (torch.cuda.is_available() is False)"
         if dtype is not None and dtype not in _DTYPES:
             name = str(dtype).replace("torch.", "")
             return f"dtype {name} not supported (float32, float16, bfloat16)"

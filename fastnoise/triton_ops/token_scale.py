@@ -66,15 +66,15 @@ def _token_scale_rows_kernel(mask_ptr, pos_ptr, mag_ptr, first_ptr, scratch_ptr,
     e = b + row
     alpha = alpha_bits.to(tl.int64).to(tl.float64, bitcast=True)
     offs = tl.arange(0, BLOCK)
-    bad = 0
+    bad = pid * 0  # (loop variables below are named apart: Triton types each one once)
     if HAS_POS:
-        for c in range(0, n, BLOCK):
-            t = c + offs
-            p = tl.load(pos_ptr + t, mask=t < n, other=0)
+        for scan in range(0, n, BLOCK):
+            i = scan + offs
+            p = tl.load(pos_ptr + i, mask=i < n, other=0)
             bad = tl.maximum(bad, tl.max((p < 0).to(tl.int32), 0))
     if bad > 0:
-        for c in range(b, e, BLOCK):
-            t = c + offs
+        for fill in range(b, e, BLOCK):
+            t = fill + offs
             tl.store(mag_ptr + t, tl.full([BLOCK], float("nan"), tl.float32), mask=t < e)
         if HAS_ERROR:
             if pid == 0:
@@ -84,8 +84,8 @@ def _token_scale_rows_kernel(mask_ptr, pos_ptr, mag_ptr, first_ptr, scratch_ptr,
         # into the sequence's count
         carry_k = b * 0
         carry_f = b
-        for c in range(b, e, BLOCK):
-            t = c + offs
+        for c1 in range(b, e, BLOCK):
+            t = c1 + offs
             m = t < e
             kept = _kept(mask_ptr, t, m, HAS_MASK).to(tl.int64)
             p = tl.load(pos_ptr + t, mask=m, other=1)
@@ -104,8 +104,8 @@ def _token_scale_rows_kernel(mask_ptr, pos_ptr, mag_ptr, first_ptr, scratch_ptr,
             carry_k += tl.sum(kept, 0)
             carry_f = tl.maximum(carry_f, tl.max(tl.where(start, t, -1), 0))
         # pass 2: each token's sequence count
-        for c in range(b, e, BLOCK):
-            t = c + offs
+        for c2 in range(b, e, BLOCK):
+            t = c2 + offs
             m = t < e
             f = tl.load(first_ptr + t, mask=m, other=0)
             count = tl.load(scratch_ptr + f, mask=m, other=0)
@@ -114,12 +114,12 @@ def _token_scale_rows_kernel(mask_ptr, pos_ptr, mag_ptr, first_ptr, scratch_ptr,
     else:
         # one sequence a row: count its kept tokens, then write
         count = b * 0
-        for c in range(b, e, BLOCK):
-            t = c + offs
+        for c3 in range(b, e, BLOCK):
+            t = c3 + offs
             count += tl.sum(_kept(mask_ptr, t, t < e, HAS_MASK).to(tl.int64), 0)
         mag = _scale(alpha, count, d)
-        for c in range(b, e, BLOCK):
-            t = c + offs
+        for c4 in range(b, e, BLOCK):
+            t = c4 + offs
             m = t < e
             tl.store(mag_ptr + t, tl.where(_kept(mask_ptr, t, m, HAS_MASK), mag, 0.0), mask=m)
 
