@@ -324,4 +324,5 @@ def test_no_gpu_backend_is_listed_without_a_gpu():
     assert fastnoise.available_backends("cuda") == ["reference"]
     for name in ("triton", "cuda"):
         reason = get_backend(name).unavailable_reason(torch.device("cuda"))
-        assert reason is not None and ("CUDA device" in reason or "extension" in reason)
+        assert reason is not None and any(
+            why in reason for why in ("CUDA device", "extension", "interpreter is on"))
