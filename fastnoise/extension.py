@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import build
 from .ops import as_int64
 
 __all__ = ["CPU_BACKEND", "CUDA_BACKEND", "BUILD_HINT", "NOISE_CODES", "is_built",
@@ -22,16 +23,11 @@ __all__ = ["CPU_BACKEND", "CUDA_BACKEND", "BUILD_HINT", "NOISE_CODES", "is_built
 #: noise kind -> the int code the ops take
 NOISE_CODES = {"uniform": 0, "gaussian": 1, "bernoulli": 2}
 
-BUILD_HINT = ("run `pip install --use-pep517 --no-build-isolation -e .` in the fastnoise "
-              "checkout (needs a C++ compiler; the CUDA kernels also need nvcc and a CUDA "
-              "build of torch)")
+BUILD_HINT = f"run {build.REBUILD_HINT}"
 
-try:
-    from . import _C  # noqa: F401  (loading the .so registers torch.ops.fastnoise.*)
-    _LOAD_ERROR: Optional[str] = None
-except Exception as exc:  # not built (ImportError) or a broken / ABI-mismatched build
-    _C = None
-    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+# Loaded only if the build record allows it (compiled at all, for this torch): another
+# torch's extension is refused with one sentence, never an undefined-symbol traceback.
+_C, _LOAD_ERROR = build.load_extension()
 
 
 def is_built() -> bool:
@@ -79,18 +75,22 @@ class ExtensionBackend:
 
     def unavailable_reason(self, device, dtype=None) -> Optional[str]:
         if _C is None:
-            return f"the fastnoise C++ extension is not built ({_LOAD_ERROR}): {BUILD_HINT}"
+            return f"the fastnoise C++ extension is not available: {_LOAD_ERROR}"
         device = torch.device(device)
         if device.type != self.device_type:
             return (f"the {self.name!r} backend runs on {self.device_type} tensors, "
                     f"not {device.type}")
         if self.device_type == "cuda" and not cuda_built():
-            return ("the fastnoise C++ extension was built without its CUDA kernels: "
-                    "reinstall with nvcc (CUDA_HOME) and a CUDA build of torch present: "
-                    "`pip install --use-pep517 --no-build-isolation -e .`")
+            why = ((build.recorded() or {}).get("missing") or {}).get("cuda")
+            return ("the fastnoise C++ extension was built without its CUDA kernels"
+                    + (f" ({why})" if why else "") + ": reinstall with nvcc (CUDA_HOME) and "
+                    f"a CUDA build of torch present: {build.REBUILD_CMD}")
         if dtype is not None and dtype not in self._DTYPES:
             return (f"the {self.name!r} backend supports float32, float16, bfloat16 and "
                     f"float64 weights, not {dtype}")
+        if self.device_type == "cuda":
+            # built archs vs this GPU: else it is listed and then fails with "no kernel image"
+            return build.cuda_device_problem(device)
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
