@@ -92,7 +92,9 @@ def _configure():
     from torch.utils import cpp_extension
 
     cxx = cpp_extension.get_cxx_compiler()
-    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+    # -g0: Python's default -g makes debug info for all of torch's headers: ~20 % of the
+    # compile time and 99 % of the objects' size (torch's own wheels carry none)
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off", "-fno-fast-math"]
     link_flags = []
     if _openmp_flag(torch):
         # at::parallel_for is a header template: without -fopenmp its `#pragma omp parallel`
