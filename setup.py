@@ -111,7 +111,7 @@ def _configure():
                    else "no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)"
                    if cuda_home is None else None)
     record.update(torch=torch.__version__, torch_cuda=torch.version.cuda, extension=True,
-                  cxx=f"{cxx}: {_first_line([cxx, '--version'])}", cxx_flags=cxx_flags,
+                  cxx=cxx, cxx_version=_first_line([cxx, "--version"]), cxx_flags=cxx_flags,
                   ldflags=link_flags, max_jobs=os.environ.get("MAX_JOBS"))
     if why_no_cuda is not None:
         # pip hides this line; the record (build_info(), `python -m fastnoise check`) keeps it
@@ -133,7 +133,7 @@ def _configure():
         nvcc = os.path.join(cuda_home, "bin", "nvcc")
         record.update(backends_compiled=["cpu", "cuda"],
                       cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"], cuda_sass=sass,
-                      cuda_ptx=ptx, nvcc=f"{nvcc}: {_nvcc_release(nvcc)}",
+                      cuda_ptx=ptx, nvcc=nvcc, nvcc_version=_nvcc_release(nvcc),
                       nvcc_flags=nvcc_flags)
         ext = cpp_extension.CUDAExtension(
             "fastnoise._C", sources + cuda_sources, define_macros=[("FASTNOISE_WITH_CUDA", "1")],

@@ -182,9 +182,9 @@ def cuda_device_problem(device) -> Optional[str]:
 
 def build_info() -> dict:
     """What was built and what loads here: the build record of setup.py (``extension``,
-    ``backends_compiled``, ``missing`` {backend: why}, ``torch``, ``cxx``, ``cxx_flags``,
-    and for CUDA builds ``cuda_arch_list``, ``cuda_sass``, ``cuda_ptx``, ``nvcc``,
-    ``nvcc_flags``) plus ``torch_running``, ``extension_loaded`` and ``extension_error``.
+    ``backends_compiled``, ``missing`` {backend: why}, ``torch``, ``torch_cuda``, ``cxx``,
+    ``cxx_version``, ``cxx_flags``, and for CUDA builds ``cuda_arch_list``, ``cuda_sass``,
+    ``cuda_ptx``, ``nvcc``, ``nvcc_version``, ``nvcc_flags``) plus ``torch_running``, ``extension_loaded`` and ``extension_error``.
     ``recorded`` is False (and the record keys absent) for a build made without a record."""
     record = recorded()
     info = dict(record) if record is not None else {"recorded": False}
@@ -208,9 +208,11 @@ def format_build_info(info: Optional[dict] = None) -> str:
         lines = [f"build: compiled {compiled}; torch {info.get('torch')}"
                  + (f" (CUDA {info['torch_cuda']})" if info.get("torch_cuda") else "")]
         if info.get("cxx"):
-            lines.append(f"  c++:  {info['cxx']}; flags {' '.join(info.get('cxx_flags', []))}")
+            lines.append(f"  c++:  {info['cxx']} ({info.get('cxx_version')}), flags "
+                         f"{' '.join(info.get('cxx_flags', []))}")
         if info.get("nvcc"):
-            lines.append(f"  nvcc: {info['nvcc']}; flags {' '.join(info.get('nvcc_flags', []))}")
+            lines.append(f"  nvcc: {info['nvcc']} ({info.get('nvcc_version')}), flags "
+                         f"{' '.join(info.get('nvcc_flags', []))}")
             lines.append(f"  CUDA archs: {info.get('cuda_arch_list')} -> SASS "
                          f"{', '.join(info.get('cuda_sass') or []) or 'none'}; PTX "
                          f"{', '.join(info.get('cuda_ptx') or []) or 'none'}")

@@ -126,7 +126,7 @@ def test_setup_cuda_build_record(monkeypatch):
     assert "-gencode=arch=compute_90,code=compute_90" in record["nvcc_flags"]
     assert record["nvcc_flags"] == ext_modules[0].extra_compile_args["nvcc"]
     if nvcc:
-        assert "release" in record["nvcc"]
+        assert "release" in record["nvcc_version"]
     assert f"torch=={torch.__version__.split('+')[0]}" in requires
     assert set(cmdclass) == {"build_py", "build_ext"}
 
@@ -146,7 +146,8 @@ def test_build_info_describes_this_build(capsys):
         return
     assert info["torch"] == torch.__version__ and info["extension_loaded"], info
     assert "cpu" in info["backends_compiled"]
-    assert {"-ffp-contract=off", "-fno-fast-math"} <= set(info["cxx_flags"]) and info["cxx"]
+    assert {"-ffp-contract=off", "-fno-fast-math"} <= set(info["cxx_flags"])
+    assert info["cxx"] and info["cxx_version"] != "unknown"
     if "cuda" in info["backends_compiled"]:
         assert info["cuda_sass"] and info["cuda_kernels_loaded"]
     else:
@@ -312,3 +313,24 @@ def test_no_ext_wheel_is_pure_python_and_unpinned(tmp_path):
     got = _probe(site, tmp_path)
     assert not got["loaded"] and "FASTNOISE_NO_EXT=1" in got["reason_cpu"]
     assert "cpu" not in got["available_cpu"]
+
+
+@pytest.mark.slow
+def test_failing_compile_fails_the_build_loudly(tmp_path):
+    """Without FASTNOISE_NO_EXT a C++ error fails `pip wheel` (and so any install) with the
+    compiler's message; nothing falls back to a wheel without the extension."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "csrc", src / "csrc")
+    shutil.copytree(ROOT / "fastnoise", src / "fastnoise",
+                    ignore=shutil.ignore_patterns("__pycache__", "_C.*", "_build_info.py"))
+    shutil.copy(ROOT / "setup.py", src)
+    for cpp in (src / "csrc").rglob("*.cpp"):  # every C++ file fails at once: no long compile
+        cpp.write_text("#error fastnoise test: a broken source\n")
+    env = {k: v for k, v in os.environ.items() if k != "FASTNOISE_NO_EXT"}
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation",
+                           "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "fastnoise test: a broken source" in out
+    assert not list((tmp_path / "dist").glob("*.whl"))
