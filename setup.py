@@ -46,13 +46,14 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0")
 
 
-def _first_line(cmd) -> str:
+def _version_line(cmd, marker: str = "") -> str:
+    """The first line of `cmd`'s output containing `marker` (a compiler's --version)."""
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
     except Exception as exc:  # noqa: BLE001 (recorded, never fatal: the compile says more)
         return f"unknown ({type(exc).__name__})"
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    return lines[0].strip() if lines else "unknown"
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip() and marker in ln]
+    return lines[0] if lines else "unknown"
 
 
 def _openmp_flag(torch) -> bool:
@@ -111,8 +112,8 @@ def _configure():
                    else "no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)"
                    if cuda_home is None else None)
     record.update(torch=torch.__version__, torch_cuda=torch.version.cuda, extension=True,
-                  cxx=cxx, cxx_version=_first_line([cxx, "--version"]), cxx_flags=cxx_flags,
-                  ldflags=link_flags, max_jobs=os.environ.get("MAX_JOBS"))
+                  cxx=cxx, cxx_version=_version_line([cxx, "--version"]), cxx_flags=cxx_flags,
+                  ldflags=link_flags)
     if why_no_cuda is not None:
         # pip hides this line; the record (build_info(), `python -m fastnoise check`) keeps it
         print(f"fastnoise: building the CPU extension only; CUDA kernels skipped "
@@ -133,7 +134,8 @@ def _configure():
         nvcc = os.path.join(cuda_home, "bin", "nvcc")
         record.update(backends_compiled=["cpu", "cuda"],
                       cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"], cuda_sass=sass,
-                      cuda_ptx=ptx, nvcc=nvcc, nvcc_version=_nvcc_release(nvcc),
+                      cuda_ptx=ptx, nvcc=nvcc,
+                      nvcc_version=_version_line([nvcc, "--version"], "release"),
                       nvcc_flags=nvcc_flags)
         ext = cpp_extension.CUDAExtension(
             "fastnoise._C", sources + cuda_sources, define_macros=[("FASTNOISE_WITH_CUDA", "1")],
@@ -151,16 +153,6 @@ def _configure():
                 "build_ext": _build_ext_writing(record, cpp_extension,
                                                 os.path.join(ROOT, "build", f"temp.{tag}"))}
     return [ext], cmdclass, [pin] + RUNTIME, record
-
-
-def _nvcc_release(nvcc: str) -> str:
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
-    except Exception as exc:  # noqa: BLE001
-        return f"unknown ({type(exc).__name__})"
-    release = [ln for ln in out.splitlines() if "release" in ln]
-    return release[0].strip() if release else "unknown"
 
 
 def _write_record(record, package_dir: str) -> None:

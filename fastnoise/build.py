@@ -124,15 +124,15 @@ def _arch(code: str) -> Tuple[int, int, str]:
     return num // 10, num % 10, m.group(3)
 
 
-def cuda_arch_problem(sass: Sequence[str], ptx: Sequence[str],
-                      capability: Tuple[int, int]) -> Optional[str]:
+def cuda_arch_problem(sass: Sequence[str], ptx: Sequence[str], capability: Tuple[int, int],
+                      device: str = "a device") -> Optional[str]:
     """Whether kernels built as ``sass`` (e.g. ["sm_80", "sm_90"]) and ``ptx`` (e.g.
     ["compute_90"]) run on a device of compute ``capability`` (major, minor): None if they
     do, else why not.
 
     A cubin for sm_XY runs on X.Z for Z >= Y (same major); an arch-specific one (sm_90a)
     only on X.Y itself. PTX for compute_XY is compiled by the driver for any device >= X.Y;
-    arch-specific PTX (compute_90a) only for X.Y.
+    arch-specific PTX (compute_90a) only for X.Y. ``device`` names the device in the answer.
     """
     major, minor = int(capability[0]), int(capability[1])
     for code in sass:
@@ -145,10 +145,9 @@ def cuda_arch_problem(sass: Sequence[str], ptx: Sequence[str],
                 else (a_major, a_minor) <= (major, minor)):
             return None
     built = ", ".join(list(sass) + [f"{p} (PTX)" for p in ptx]) or "no arch"
-    return (f"the fastnoise CUDA kernels were built for {built}, which cannot run on a "
-            f"device of compute capability {major}.{minor} (no kernel image): rebuild with "
-            f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (or an arch list ending in +PTX) "
-            f"{REBUILD_CMD}")
+    return (f"the fastnoise CUDA kernels were built for {built}, which cannot run on "
+            f"{device} of compute capability {major}.{minor} (no kernel image): rebuild them "
+            f"for it with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" set: {REBUILD_CMD}")
 
 
 _DEVICE_PROBLEMS: Dict[int, Optional[str]] = {}
@@ -172,11 +171,9 @@ def cuda_device_problem(device) -> Optional[str]:
             capability = torch.cuda.get_device_capability(index)
         except Exception as exc:
             return f"torch cannot query CUDA device {index} ({type(exc).__name__}: {exc})"
-        problem = cuda_arch_problem(record["cuda_sass"], record.get("cuda_ptx", ()), capability)
-        if problem is not None:
-            problem = problem.replace("a device of", f"{torch.cuda.get_device_name(index)} "
-                                                    f"(cuda:{index}), of", 1)
-        _DEVICE_PROBLEMS[index] = problem
+        _DEVICE_PROBLEMS[index] = cuda_arch_problem(
+            record["cuda_sass"], record.get("cuda_ptx", ()), capability,
+            device=f"{torch.cuda.get_device_name(index)} (cuda:{index})")
     return _DEVICE_PROBLEMS[index]
 
 
@@ -184,8 +181,10 @@ def build_info() -> dict:
     """What was built and what loads here: the build record of setup.py (``extension``,
     ``backends_compiled``, ``missing`` {backend: why}, ``torch``, ``torch_cuda``, ``cxx``,
     ``cxx_version``, ``cxx_flags``, and for CUDA builds ``cuda_arch_list``, ``cuda_sass``,
-    ``cuda_ptx``, ``nvcc``, ``nvcc_version``, ``nvcc_flags``) plus ``torch_running``, ``extension_loaded`` and ``extension_error``.
-    ``recorded`` is False (and the record keys absent) for a build made without a record."""
+    ``cuda_ptx``, ``nvcc``, ``nvcc_version``, ``nvcc_flags``) plus ``recorded``,
+    ``torch_running``, ``extension_loaded``, ``extension_error`` and, when loaded,
+    ``cuda_kernels_loaded``. ``recorded`` is False (and the record keys absent) for a build
+    made before builds were recorded, or never built."""
     record = recorded()
     info = dict(record) if record is not None else {"recorded": False}
     info.setdefault("recorded", record is not None)

@@ -87,6 +87,28 @@ def test_arch_decision(sass, ptx, capability, runs):
     assert (build.cuda_arch_problem(sass, ptx, capability) is None) == runs
 
 
+@pytest.mark.parametrize("sass, ptx, runs", [(["sm_80", "sm_90"], [], False),
+                                             (DEFAULT_SASS, DEFAULT_PTX, True)])
+def test_cuda_device_problem_reads_the_record(monkeypatch, sass, ptx, runs):
+    """The check the 'cuda' backend makes for its device (no GPU here: the device's answers
+    are stood in for), from the archs setup.py recorded; answered once per device."""
+    record = {"extension": True, "torch": torch.__version__, "backends_compiled": ["cpu", "cuda"],
+              "cuda_sass": sass, "cuda_ptx": ptx}
+    queries = []
+    monkeypatch.setattr(build, "recorded", lambda: record)
+    monkeypatch.setattr(build, "_DEVICE_PROBLEMS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda i: queries.append(i) or (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA RTX PRO 6000")
+    for device in ("cuda", "cuda:0", torch.device("cuda", 0)):
+        problem = build.cuda_device_problem(device)
+        assert (problem is None) == runs, problem
+    assert queries == [0]
+    if not runs:
+        assert "NVIDIA RTX PRO 6000 (cuda:0) of compute capability 12.0" in problem
+
+
 def test_bad_arch_code_is_an_error():
     with pytest.raises(ValueError, match="sm90"):
         build.cuda_arch_problem(["sm90"], [], (9, 0))
