@@ -17,8 +17,9 @@ from .integrations import is_patched, patch, unpatch
 from .modules import NoisyEmbedding
 
 # another torch than the extension's: say so once, at import (the backends say it too)
-if _torch_mismatch() is not None:
-    warnings.warn(_torch_mismatch(), ExtensionMismatchWarning, stacklevel=2)
+_MISMATCH = _torch_mismatch()
+if _MISMATCH is not None:
+    warnings.warn(_MISMATCH, ExtensionMismatchWarning, stacklevel=2)
 
 _TRAINER_NAMES = ("FastNoiseCallback", "override_hf_neftune", "restore_hf_neftune")
 
