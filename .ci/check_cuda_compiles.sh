@@ -3,7 +3,7 @@
 # CUDA syntax/type error cannot land even on machines without a GPU or a CUDA build of torch.
 #
 # Flags mirror what `pip install -e .` passes with a CUDA torch (torch.utils.cpp_extension's
-# COMMON_NVCC_FLAGS, -std=c++20, and setup.py's -O3 -fmad=false), for sm_80 and sm_90.
+# COMMON_NVCC_FLAGS, -std=c++20, and setup.py's -O3 -fmad=false), for sm_80 and sm_90 (+PTX).
 # The .cu files include only ATen/c10 *core* headers, c10/core/impl/DeviceGuardImplInterface.h
 # and the CUDA runtime: no c10/cuda/* or ATen/cuda/* header (the CPU torch wheel ships them,
 # but not c10/cuda/impl/cuda_cmake_macros.h, and ATen/cuda/CUDAContext.h needs cuBLAS and
@@ -31,7 +31,8 @@ print("-I" + sysconfig.get_paths()["include"])
 PY
 )
 ABI="$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
-GENCODE=(${FASTNOISE_CUDA_GENCODE:--gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90})
+# setup.py's default TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX": SASS for sm_80 and sm_90, PTX compute_90
+GENCODE=(${FASTNOISE_CUDA_GENCODE:--gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90})
 
 FLAGS=(-std=c++20 -O3 -fmad=false -lineinfo
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__

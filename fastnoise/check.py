@@ -1,5 +1,9 @@
 """``python -m fastnoise check``: validate every backend available here against the reference.
 
+First prints what was built (:func:`fastnoise.build_info`: the compiled backends, CUDA
+archs, torch, compilers and flags, and why anything is missing) and why each backend that
+cannot run here is absent.
+
 For each backend x op x noise kind x dtype: compare with :mod:`fastnoise.reference` on fresh
 random inputs (bit-exact where the randomness contract says so, a tolerance otherwise) and
 run the statistical checks of :mod:`fastnoise.stats`. Prints one table; exit status 1 on any
@@ -20,6 +24,7 @@ import torch
 
 from . import reference, stats
 from .backends import BACKEND_NAMES, available_backends, get_backend
+from .build import format_build_info
 from .functional import noisy_embedding
 from .noisytune import noisytune_
 
@@ -246,6 +251,8 @@ def main(argv=None) -> int:
     print(f"fastnoise check on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}")
+    # what was compiled, for which archs, with what (pip hides the build's own output)
+    print(format_build_info())
     for name in BACKEND_NAMES:
         if name not in found:
             print(f"  {name:9s} not available: {get_backend(name).unavailable_reason(device)}")

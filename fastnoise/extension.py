@@ -5,7 +5,8 @@
 nvcc) and ``cuda_built``. This module loads it if it was built, remembers why not otherwise,
 registers a fake (meta) implementation of every op so they trace under torch.compile /
 FakeTensor, and exposes :data:`CPU_BACKEND` and :data:`CUDA_BACKEND` for
-:mod:`fastnoise.backends`. Autograd is the frontend's business (an autograd.Function).
+:mod:`fastnoise.backends`. The user-facing op ``torch.ops.fastnoise.noisy_embedding`` has its
+autograd in C++ (csrc/autograd.cpp); its eager entry is ``_C.noisy_embedding``.
 """
 
 from __future__ import annotations
@@ -14,22 +15,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import errors
+from . import build, errors
 from .ops import NOISE_CODES, as_int64, output_shape
 
 __all__ = ["CPU_BACKEND", "CUDA_BACKEND", "BUILD_HINT", "NOISE_CODES", "is_built",
            "load_error", "cuda_built", "ExtensionBackend"]
 
-BUILD_HINT = ("run `pip install --use-pep517 --no-build-isolation -e .` in the fastnoise "
-              "checkout (needs a C++ compiler; the CUDA kernels also need nvcc and a CUDA "
-              "build of torch)")
+BUILD_HINT = f"run {build.REBUILD_HINT}"
 
-try:
-    from . import _C  # noqa: F401  (loading the .so registers torch.ops.fastnoise.*)
-    _LOAD_ERROR: Optional[str] = None
-except Exception as exc:  # not built (ImportError) or a broken / ABI-mismatched build
-    _C = None
-    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+# Loaded only if the build record allows it (compiled at all, for this torch): another
+# torch's extension is refused with one sentence, never an undefined-symbol traceback.
+_C, _LOAD_ERROR = build.load_extension()
 
 
 def is_built() -> bool:
@@ -102,7 +98,7 @@ class ExtensionBackend:
 
     def unavailable_reason(self, device, dtype=None) -> Optional[str]:
         if _C is None:
-            return f"the fastnoise C++ extension is not built ({_LOAD_ERROR}): {BUILD_HINT}"
+            return f"the fastnoise C++ extension is not available: {_LOAD_ERROR}"
         device = torch.device(device)
         if device.type != self.device_type:
             return (f"the {self.name!r} backend runs on {self.device_type} tensors, "
@@ -110,12 +106,16 @@ class ExtensionBackend:
         if self.device_type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device here (torch.cuda.is_available() is False)"
         if self.device_type == "cuda" and not cuda_built():
-            return ("the fastnoise C++ extension was built without its CUDA kernels: "
-                    "reinstall with nvcc (CUDA_HOME) and a CUDA build of torch present: "
-                    "`pip install --use-pep517 --no-build-isolation -e .`")
+            why = ((build.recorded() or {}).get("missing") or {}).get("cuda")
+            return ("the fastnoise C++ extension was built without its CUDA kernels"
+                    + (f" ({why})" if why else "") + ": reinstall with nvcc (CUDA_HOME) and "
+                    f"a CUDA build of torch present: {build.REBUILD_CMD}")
         if dtype is not None and dtype not in self._DTYPES:
             return (f"the {self.name!r} backend supports float32, float16, bfloat16 and "
                     f"float64 weights, not {dtype}")
+        if self.device_type == "cuda":
+            # built archs vs this GPU: else it is listed and then fails with "no kernel image"
+            return build.cuda_device_problem(device)
         return None
 
     def embedding_forward(self, ids, weight, out, *, noise, mag, tok_mag, seed, offset,
