@@ -103,13 +103,13 @@ class ExtensionBackend:
         if device.type != self.device_type:
             return (f"the {self.name!r} backend runs on {self.device_type} tensors, "
                     f"not {device.type}")
-        if self.device_type == "cuda" and not torch.cuda.is_available():
-            return "no CUDA device here (torch.cuda.is_available() is False)"
         if self.device_type == "cuda" and not cuda_built():
             why = ((build.recorded() or {}).get("missing") or {}).get("cuda")
             return ("the fastnoise C++ extension was built without its CUDA kernels"
                     + (f" ({why})" if why else "") + ": reinstall with nvcc (CUDA_HOME) and "
                     f"a CUDA build of torch present: {build.REBUILD_CMD}")
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device here (torch.cuda.is_available() is False)"
         if dtype is not None and dtype not in self._DTYPES:
             return (f"the {self.name!r} backend supports float32, float16, bfloat16 and "
                     f"float64 weights, not {dtype}")

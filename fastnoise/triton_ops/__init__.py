@@ -13,9 +13,11 @@ from ..backends import BackendUnavailableError, triton_interpreter_enabled
 try:
     import triton  # noqa: F401
 except Exception as exc:  # ImportError, or a broken install
+    _MISSING: Optional[str] = getattr(exc, "name", None) if isinstance(
+        exc, ModuleNotFoundError) else None
     _IMPORT_ERROR: Optional[str] = f"{type(exc).__name__}: {exc}"
 else:
-    _IMPORT_ERROR = None
+    _MISSING = _IMPORT_ERROR = None
 
 # the kernels are decorated at import: they are interpreted only if the flag was on by then
 _INTERPRETED_AT_IMPORT = triton_interpreter_enabled()
@@ -32,8 +34,10 @@ class TritonBackend:
 
     def unavailable_reason(self, device, dtype=None) -> Optional[str]:
         if _IMPORT_ERROR is not None:
-            if _IMPORT_ERROR.startswith("ModuleNotFoundError"):
+            if _MISSING == "triton":
                 return "triton is not installed (pip install triton)"
+            if _MISSING:  # e.g. numpy, which the interpreter needs
+                return f"triton cannot import {_MISSING!r} (pip install {_MISSING})"
             return f"triton failed to import ({_IMPORT_ERROR})"
         device = torch.device(device)
         if device.type == "cpu":
