@@ -261,14 +261,15 @@ class _ModelHook:
                 # a varlen call carries both; its boundaries are the exact ones
                 cu_seqlens = None
                 position_ids = self._position_ids(args, kwargs, ids)
-        pair = self.symmetric
-        modules.CALLS.append(modules.ModelCall(
-            module, ids.device, ids.shape, ids.numel() * (2 if pair else 1), mask,
-            position_ids, cu_seqlens, pair))
-        if not pair:
+        if not self.symmetric:
+            modules.CALLS.append(modules.ModelCall(module, ids.device, ids, ids, mask,
+                                                   position_ids, cu_seqlens))
             return None
         args, kwargs = list(args), dict(kwargs)  # new containers: the caller's stay as given
-        for name in PAIRED_INPUTS:
+        modules.CALLS.append(modules.ModelCall(module, ids.device, ids, torch.cat([ids, ids]),
+                                               mask, position_ids, cu_seqlens, pair=True))
+        self._set(args, kwargs, "input_ids", modules.CALLS[-1].handed)
+        for name in PAIRED_INPUTS[1:]:
             value = self._get(args, kwargs, name)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 self._set(args, kwargs, name, torch.cat([value, value]))
@@ -319,7 +320,7 @@ class _ModelHook:
                 "the embedding replaced or wrapped after patch, e.g. by PEFT's "
                 "trainable_token_indices? call fastnoise.patch after wrapping)")
         if call.pair:
-            return _fold_pair(output, call.shape[0])
+            return _fold_pair(output, call.ids.shape[0])
         return None
 
 

@@ -186,30 +186,35 @@ class ModelCall:
     Only the lookup of the call's own ``input_ids`` gets noise: the first lookup inside the
     call whose ids have as many elements. Any other lookup through the embedding (GPT-2's
     ``token_type_ids``; LLaVA's lookup of its image token when called with ``inputs_embeds``)
-    is the plain embedding. A call without ids (``shape`` None) looks nothing up noisily.
+    is the plain embedding. A call without ids looks nothing up noisily.
+
+    It holds tensors and flags, no sizes: under torch.compile the hooks and the forward are
+    separate frames, and a size read from here would be a constant that recompiles the
+    forward for every new length.
     """
 
-    def __init__(self, owner, device, shape=None, numel=0, attention_mask=None,
+    def __init__(self, owner, device, ids=None, handed=None, attention_mask=None,
                  position_ids=None, cu_seqlens=None, pair=False):
         self.owner, self.device = owner, device
-        self.shape, self.numel = shape, numel  # the ids' shape; the numel the model is handed
+        self.ids = ids  # as the caller gave them
+        self.handed = handed  # as the model got them: a SymNoise pair's cat([ids, ids])
         self.attention_mask, self.position_ids = attention_mask, position_ids
         self.cu_seqlens = cu_seqlens
-        self.pair = pair  # SymNoise: the model was handed the ids twice, cat([ids, ids])
-        self.pending = shape is not None  # the input lookup is still to come
+        self.pair = pair
+        self.pending = ids is not None  # the input lookup is still to come
 
     def claims(self, input: torch.Tensor) -> bool:
         """Is this lookup the call's input lookup (the first one with its ids)?"""
-        if self.pending and input.numel() == self.numel:
+        if self.pending and input.numel() == self.handed.numel():
             self.pending = False
             return True
         return False
 
-    def ids(self, input: torch.Tensor) -> torch.Tensor:
-        """The input lookup's ids in the shape the model got them (one copy of a pair)."""
+    def lookup_ids(self, input: torch.Tensor) -> torch.Tensor:
+        """The input lookup's ids in the shape the caller gave them (one copy of a pair)."""
         if self.pair:
-            return input.reshape(2, -1)[0].reshape(self.shape)
-        return input.reshape(self.shape)
+            return input.reshape(2, -1)[0].reshape(self.ids.shape)
+        return input.reshape(self.ids.shape)
 
 
 #: the patched model calls in flight, innermost last (a list, which torch.compile traces
@@ -280,7 +285,7 @@ class _PatchedEmbedding(_Patched, NoisyEmbedding):
         scale = self._fastnoise_embed_scale
         if call is None:  # called directly, outside a patched model call: the padded L
             return self._noisy_forward(input, None, None, None, scale)
-        out = self._noisy_forward(call.ids(input), call.attention_mask, call.position_ids,
+        out = self._noisy_forward(call.lookup_ids(input), call.attention_mask, call.position_ids,
                                   call.cu_seqlens, scale)
         return out.reshape(*input.shape, out.shape[-1])
 
@@ -301,7 +306,7 @@ class _PatchedWrapper(_Patched, nn.Module):
         if not noisy:
             return base.forward(self, input, *args, **kwargs)
         _only_ids(base, args, kwargs)
-        ids = input if call is None else call.ids(input)
+        ids = input if call is None else call.lookup_ids(input)
         rows = base.forward(self, ids)
         d = rows.shape[-1]
         index = torch.arange(ids.numel(), device=ids.device).reshape(ids.shape)
