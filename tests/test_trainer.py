@@ -464,20 +464,20 @@ def test_symnoise_under_dpo_and_kto_is_the_mean_of_the_pair(kind, tmp_path):
                 assert g[key] == pytest.approx(e[key], rel=2e-5, abs=1e-6), key
 
 
-def test_symnoise_under_a_trainer_that_splits_logits_itself_is_refused(tmp_path):
-    trl = pytest.importorskip("trl")
-    pytest.importorskip("trl.experimental.orpo")
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
+@pytest.mark.parametrize("kind", ["orpo", "cpo"])
+def test_symnoise_under_a_trainer_that_splits_logits_itself_is_refused(kind, tmp_path):
+    """ORPO and CPO split the model's logits into chosen / rejected by batch index."""
+    module = pytest.importorskip(f"trl.experimental.{kind}")
+    name = {"orpo": "ORPO", "cpo": "CPO"}[kind]
+    config, trainer_cls = getattr(module, f"{name}Config"), getattr(module, f"{name}Trainer")
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
-    args = ORPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
-                      report_to=[], use_cpu=True, save_strategy="no")
-    trainer = ORPOTrainer(model=model, args=args, train_dataset=_dpo_dataset(),
+    args = config(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                  report_to=[], use_cpu=True, save_strategy="no")
+    trainer = trainer_cls(model=model, args=args, train_dataset=_dpo_dataset(),
                           processing_class=_sft_tokenizer(),
                           callbacks=[FastNoiseCallback("symnoise", noisytune_lam=0.1)])
-    with pytest.raises(ValueError, match="ORPOTrainer"):
+    with pytest.raises(ValueError, match=f"{name}Trainer"):
         trainer.train()
     assert not fastnoise.is_patched(model)  # refused before NoisyTune or the patch
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    assert trl is not None
