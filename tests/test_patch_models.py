@@ -246,11 +246,18 @@ def _packed_noise(model):
 def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
     torch.manual_seed(0)
     model = T.no_dropout(T.llama()).train()
-    fastnoise.patch(model, "neftune", noise="bernoulli", alpha=5.0)
+    fastnoise.patch(model, "neftune", noise="bernoulli", alpha=5.0, use_attention_mask=True)
     twin = copy.deepcopy(model)
     fastnoise.unpatch(model)  # the copy's hooks are its own
     assert fastnoise.is_patched(twin) and not fastnoise.is_patched(model)
     _packed_noise(twin)
+    seen, handle = T.record_noise(twin.get_input_embeddings())
+    twin(**_padded_batch("llama"))  # row 1 is padded from position 7
+    handle.remove()
+    noise = seen[0][1]
+    assert torch.equal(noise[1, 7:], torch.zeros_like(noise[1, 7:]))
+    torch.testing.assert_close(noise[1, :7].abs(),
+                               torch.full_like(noise[1, :7], float(T.magnitudes(7))))
     fastnoise.patch(twin, "symnoise", alpha=0.0)
     batch = _padded_batch("llama")
     expect = model(**_double(batch)).loss
