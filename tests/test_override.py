@@ -212,3 +212,46 @@ def test_sft_with_trained_embeddings_under_the_override(adapter, override, tmp_p
     result = trainer.train()
     assert seen == [True, True] and not fastnoise.is_patched(trainer.model)
     assert math.isfinite(result.training_loss)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n=6, length=10):
+        gen = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(2, T.VOCAB, (n, length), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i].clone()
+        labels[: i % 4] = -100
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
+                "labels": labels}
+
+
+def test_symnoise_override_with_label_smoothing_is_the_mean_of_the_pair(tmp_path):
+    """The override checks the Trainer's loss and doubles the labels it smooths itself."""
+    def run(override):
+        torch.manual_seed(0)
+        extra = {"neftune_noise_alpha": 0.0} if override else {}
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(override)), max_steps=2, per_device_train_batch_size=1,
+            report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0,
+            learning_rate=1e-2, label_smoothing_factor=0.1, **extra)
+
+        def doubled(features):
+            batch = transformers.default_data_collator(features)
+            return batch if override else {k: torch.cat([v, v]) for k, v in batch.items()}
+
+        trainer = transformers.Trainer(model=T.llama(), args=args, train_dataset=_Rows(),
+                                       data_collator=doubled)
+        trainer.train()
+        return [(e["loss"], e["grad_norm"]) for e in trainer.state.log_history if "loss" in e]
+
+    fastnoise.override_hf_neftune("symnoise")
+    try:
+        got = run(True)
+    finally:
+        fastnoise.restore_hf_neftune()
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(run(False)), rtol=2e-5,
+                               atol=1e-6)
