@@ -11,12 +11,6 @@ import tiny_models as T
 
 transformers = pytest.importorskip("transformers")
 
-_AVX2_INDUCTOR = pytest.mark.xfail(
-    strict=False, reason="inductor's vectorized CPU code cannot generate the float64 "
-    "index_add_ of reference.token_scale on AVX2 (issue #22.3; the lead's fix in "
-    "functional.py / reference.token_scale)")
-
-
 def _inputs(kind, length=10):
     ids = torch.randint(1, T.VOCAB, (2, length))
     inputs = {"input_ids": ids, "labels": ids.clone()}
@@ -86,10 +80,8 @@ def test_patched_model_compiles_fullgraph_like_eager_grid(name, method, kind):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,method,kind", [
-    pytest.param("llama", "symnoise", "mask", marks=_AVX2_INDUCTOR),
-    ("qwen2", "neftune", "packed"),
-    pytest.param("gemma", "gaussian", "mask", marks=_AVX2_INDUCTOR),
-    ("gemma", "symnoise", "packed")])
+    ("llama", "symnoise", "mask"), ("qwen2", "neftune", "packed"),
+    ("gemma", "gaussian", "mask"), ("gemma", "symnoise", "packed")])
 def test_patched_model_compiles_fullgraph_with_inductor(name, method, kind):
     _compiled_matches_eager(name, method, kind, "inductor")
 
