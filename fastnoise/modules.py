@@ -120,7 +120,8 @@ class NoisyEmbedding(nn.Embedding):
         Gemma ``*ScaledWordEmbedding``, with an ``embed_scale``) keeps its scale, fused. The
         weight's shape and data are not read (a ZeRO-3 placeholder of shape (0,) is fine);
         hooks attached to ``embedding`` (FSDP2, DeepSpeed) do not carry over to the new module:
-        to keep them, use :func:`fastnoise.patch`, which keeps the module object.
+        to keep them, use :func:`fastnoise.patch`, which keeps the module object. The model
+        still holds ``embedding``: put the new module in (``model.set_input_embeddings(new)``).
         """
         check_embedding_supported(embedding)
         noise, alpha, symmetric = resolve_settings(method, noise, alpha, symmetric)
