@@ -19,23 +19,16 @@ from torch import nn
 from . import ops
 from .backends import BackendUnavailableError, get_backend
 from .functional import (check_finite, check_method, check_noise, check_nonnegative,
-                         check_padding_idx, plain_embedding)
+                         check_padding_idx, noisy_embedding, plain_embedding)
 
 __all__ = ["NoisyEmbedding", "noise_active"]
 
-_CONTEXT = "_fastnoise_context"  # set by fastnoise.patch: the model call's mask / packing inputs
-_BASE = "_fastnoise_base"        # on a patched class: the class it was made from
+_BASE = "_fastnoise_base"  # on a patched class: the class it was made from
 
 
 def noise_active(module: nn.Module) -> bool:
     """The noise rule: training mode and autograd recording."""
     return module.training and torch.is_grad_enabled()
-
-
-def _if_shaped_like(value, input):
-    if isinstance(value, torch.Tensor) and value.shape == input.shape:
-        return value
-    return None
 
 
 def settle_early(module: "NoisyEmbedding") -> None:
@@ -127,7 +120,8 @@ class NoisyEmbedding(nn.Embedding):
         Gemma ``*ScaledWordEmbedding``, with an ``embed_scale``) keeps its scale, fused. The
         weight's shape and data are not read (a ZeRO-3 placeholder of shape (0,) is fine);
         hooks attached to ``embedding`` (FSDP2, DeepSpeed) do not carry over to the new module:
-        to keep them, use :func:`fastnoise.patch`, which keeps the module object.
+        to keep them, use :func:`fastnoise.patch`, which keeps the module object. The model
+        still holds ``embedding``: put the new module in (``model.set_input_embeddings(new)``).
         """
         check_embedding_supported(embedding)
         noise, alpha, symmetric = resolve_settings(method, noise, alpha, symmetric)
@@ -149,17 +143,6 @@ class NoisyEmbedding(nn.Embedding):
                                    self.embed_scale)
 
     def _noisy_forward(self, input, attention_mask, position_ids, cu_seqlens, embed_scale):
-        # fastnoise.patch puts the model call's mask / packing inputs here for its duration
-        context = self.__dict__.get(_CONTEXT)
-        if context:
-            if attention_mask is None:
-                attention_mask = _if_shaped_like(context.get("attention_mask"), input)
-            if position_ids is None and cu_seqlens is None:
-                # a varlen model call carries both; the boundaries are the exact ones (their
-                # values are checked on the device by the op)
-                cu_seqlens = context.get("cu_seqlens")
-                if cu_seqlens is None:
-                    position_ids = _if_shaped_like(context.get("position_ids"), input)
         weight = self.weight
         # settled once per weight device and dtype (the backend resolved, the error buffer
         # made outside any capture); the op checks the rest
@@ -192,48 +175,182 @@ class NoisyEmbedding(nn.Embedding):
                 f"symmetric={self.symmetric}, backend={self.backend!r}{scale}")
 
 
-class _PatchedEmbedding(NoisyEmbedding):
+# --------------------------------------------------------------------------------------
+# The patch machinery: fastnoise.patch gives the model's own embedding module (the same
+# object) a noisy class; the model's hooks tell it, per model call, which lookup is the
+# lookup of the call's input ids
+# --------------------------------------------------------------------------------------
+class ModelCall:
+    """A forward of a patched model (or of an encoder / decoder stack) in flight, as its
+    pre-hook (:mod:`fastnoise.integrations`) found it.
+
+    Only the lookup of the call's own ``input_ids`` gets noise: the first lookup inside the
+    call whose ids have as many elements. Any other lookup through the embedding (GPT-2's
+    ``token_type_ids``; LLaVA's lookup of its image token when called with ``inputs_embeds``)
+    is the plain embedding. A call without ids looks nothing up noisily.
+
+    It holds tensors and flags, no sizes: under torch.compile the hooks and the forward are
+    separate frames, and a size read from here would be a constant that recompiles the
+    forward for every new length.
+    """
+
+    def __init__(self, owner, device, ids=None, handed=None, attention_mask=None,
+                 position_ids=None, cu_seqlens=None, pair=False):
+        self.owner, self.device = owner, device
+        self.ids = ids  # as the caller gave them
+        self.handed = handed  # as the model got them: a SymNoise pair's cat([ids, ids])
+        self.attention_mask, self.position_ids = attention_mask, position_ids
+        self.cu_seqlens = cu_seqlens
+        self.pair = pair
+        self.pending = ids is not None  # the input lookup is still to come
+
+    def claims(self, input: torch.Tensor) -> bool:
+        """Is this lookup the call's input lookup (the first one with its ids)?"""
+        if self.pending and input.numel() == self.handed.numel():
+            self.pending = False
+            return True
+        return False
+
+    def lookup_ids(self, input: torch.Tensor) -> torch.Tensor:
+        """The input lookup's ids in the shape the caller gave them (one copy of a pair)."""
+        if self.pair:
+            return input.reshape(2, -1)[0].reshape(self.ids.shape)
+        return input.reshape(self.ids.shape)
+
+
+#: the patched model calls in flight, innermost last (a list, which torch.compile traces
+#: without a graph break, rather than state on the modules, which copies would not share)
+CALLS: list = []
+
+
+def current_call(device: torch.device) -> Optional[ModelCall]:
+    """The innermost patched model call on ``device`` (DataParallel runs one per device, in
+    threads), else the innermost (a model split over devices); None outside any."""
+    for call in reversed(CALLS):
+        if call.device == device:
+            return call
+    return CALLS[-1] if CALLS else None
+
+
+def _claimed_call(module: nn.Module, input: torch.Tensor):
+    """(noisy, call) of a patched module's forward: noise in training mode with autograd on,
+    on the current call's input lookup, or on any lookup outside a patched model call."""
+    if not noise_active(module):
+        return False, None
+    call = current_call(input.device)
+    if call is not None and not call.claims(input):
+        return False, None
+    return True, call
+
+
+def _only_ids(base: type, args, kwargs) -> None:
+    if args or kwargs:
+        raise TypeError(f"a patched {base.__name__} takes only the ids in a noisy forward, got "
+                        f"{len(args)} more positional and {sorted(kwargs)} keyword arguments")
+
+
+class _Patched:
+    """What both patched kinds share: the original class, and pickling (``torch.save`` of the
+    model, ``copy.deepcopy``) although the patched class is made at run time."""
+
+    def __reduce_ex__(self, protocol):
+        cls = type(self)
+        key = (cls.__bases__[0], _base_class(cls))
+        reduced = super().__reduce_ex__(protocol)
+        if _PATCHED_CLASSES.get(key) is not cls:  # a class derived from it (FSDP2's)
+            return reduced
+        return (_new_patched, key) + tuple(reduced[2:])
+
+
+def _new_patched(mixin: type, base: type):
+    cls = patched_class(base, mixin)
+    return cls.__new__(cls)
+
+
+class _PatchedEmbedding(_Patched, NoisyEmbedding):
     """The noisy half of a patched class ``type(name, (_PatchedEmbedding, Original), {})``.
 
     The module object is the model's own (its parameters, buffers, and the hooks FSDP2 or
-    DeepSpeed attached to it stay); only its class changes. Noise-free calls run the
-    original class's forward unchanged; noisy calls run the fused kernel, with the original's
-    ``embed_scale`` read once at patch time.
+    DeepSpeed attached to it stay); only its class changes. Noise-free calls, and lookups
+    other than the model call's input lookup, run the original class's forward unchanged;
+    the input lookup runs the fused kernel, with the original's ``embed_scale`` read once at
+    patch time, and the call's mask and packing.
     """
 
     def forward(self, input, *args, **kwargs):
-        base = type(self).__dict__.get(_BASE) or _base_class(type(self))
-        if not noise_active(self):
+        base = _base_class(type(self))
+        noisy, call = _claimed_call(self, input)
+        if not noisy:
             return base.forward(self, input, *args, **kwargs)
-        if args or kwargs:
-            raise TypeError(f"a patched {base.__name__} takes only the ids in a noisy forward, "
-                            f"got {len(args)} more positional and {sorted(kwargs)} keyword "
-                            "arguments")
-        return self._noisy_forward(input, None, None, None, self._fastnoise_embed_scale)
+        _only_ids(base, args, kwargs)
+        scale = self._fastnoise_embed_scale
+        if call is None:  # called directly, outside a patched model call: the padded L
+            return self._noisy_forward(input, None, None, None, scale)
+        out = self._noisy_forward(call.lookup_ids(input), call.attention_mask, call.position_ids,
+                                  call.cu_seqlens, scale)
+        return out.reshape(*input.shape, out.shape[-1])
 
     def extra_repr(self) -> str:
         return (f"{nn.Embedding.extra_repr(self)}, noise={self.noise!r}, alpha={self.alpha}, "
                 f"symmetric={self.symmetric}, backend={self.backend!r}, fastnoise-patched")
 
 
-_PATCHED_CLASSES: dict = {}  # original class -> its patched class
+class _PatchedWrapper(_Patched, nn.Module):
+    """The noisy half of a patched embedding wrapper that looks rows up itself (PEFT's
+    ``TrainableTokensWrapper`` reads a merged weight): its own forward runs, and the noise is
+    added to its output rows by the same kernel (each row looked up by its index), with the
+    call's mask and packing; a pair is built from one run of the wrapper."""
+
+    def forward(self, input, *args, **kwargs):
+        base = _base_class(type(self))
+        noisy, call = _claimed_call(self, input)
+        if not noisy:
+            return base.forward(self, input, *args, **kwargs)
+        _only_ids(base, args, kwargs)
+        ids = input if call is None else call.lookup_ids(input)
+        rows = base.forward(self, ids)
+        d = rows.shape[-1]
+        index = torch.arange(ids.numel(), device=ids.device).reshape(ids.shape)
+        mask, position_ids, cu_seqlens = ((None, None, None) if call is None else
+                                          (call.attention_mask, call.position_ids,
+                                           call.cu_seqlens))
+        out = noisy_embedding(index, rows.reshape(-1, d), noise=self.noise, alpha=self.alpha,
+                              symmetric=self.symmetric, attention_mask=mask,
+                              position_ids=position_ids, cu_seqlens=cu_seqlens,
+                              backend=self.backend)
+        return out if call is None else out.reshape(*input.shape, d)
+
+    def extra_repr(self) -> str:
+        base = _base_class(type(self)).extra_repr(self)
+        return (f"{base + ', ' if base else ''}noise={self.noise!r}, alpha={self.alpha}, "
+                f"symmetric={self.symmetric}, backend={self.backend!r}, fastnoise-patched")
+
+
+_PATCHED_CLASSES: dict = {}  # (noisy half, original class) -> its patched class
 
 
 def _base_class(patched: type) -> type:
-    for cls in patched.__mro__:
-        if _BASE in cls.__dict__:
-            return cls.__dict__[_BASE]
-    raise TypeError(f"{patched.__name__} is not a fastnoise-patched class")
+    # a class attribute read, not a walk of the classes' __dict__ mapping proxies, which
+    # torch.compile cannot read after the model mutated a dict
+    base = getattr(patched, _BASE, None)
+    if base is None:
+        raise TypeError(f"{patched.__name__} is not a fastnoise-patched class")
+    return base
 
 
-def patched_class(cls: type) -> type:
-    """The class ``(_PatchedEmbedding, cls)``, made once per original class."""
-    new = _PATCHED_CLASSES.get(cls)
+def is_patched_module(module: nn.Module) -> bool:
+    return getattr(type(module), _BASE, None) is not None
+
+
+def patched_class(cls: type, mixin: Optional[type] = None) -> type:
+    """The class ``(mixin, cls)`` (``_PatchedEmbedding`` by default), made once per class."""
+    mixin = _PatchedEmbedding if mixin is None else mixin
+    new = _PATCHED_CLASSES.get((mixin, cls))
     if new is None:
-        new = type(cls.__name__, (_PatchedEmbedding, cls),
+        new = type(cls.__name__, (mixin, cls),
                    {_BASE: cls, "__module__": cls.__module__,
                     "__qualname__": getattr(cls, "__qualname__", cls.__name__)})
-        _PATCHED_CLASSES[cls] = new
+        _PATCHED_CLASSES[(mixin, cls)] = new
     return new
 
 
@@ -241,47 +358,61 @@ _SETTINGS = ("noise", "alpha", "symmetric", "backend", "_fastnoise_embed_scale",
              "_fastnoise_call")
 
 
-def make_noisy_(embedding: nn.Embedding, *, noise: str, alpha: float, symmetric: bool,
-                backend: str) -> nn.Embedding:
-    """Give ``embedding`` (the same object) the fused noisy forward; undo with
-    :func:`make_plain_`. Reads no weight shape or data (ZeRO-3 placeholders are fine)."""
-    if isinstance(embedding, NoisyEmbedding):
-        raise ValueError(f"{type(embedding).__name__} already adds noise; patch the model's "
+def check_patchable(module: nn.Module, fused: bool = True) -> None:
+    """What :func:`make_noisy_` refuses, checked before anything changes."""
+    if isinstance(module, NoisyEmbedding) and not is_patched_module(module):
+        raise ValueError(f"{type(module).__name__} already adds noise; patch the model's "
                          "own embedding, not a NoisyEmbedding")
-    check_embedding_supported(embedding)
+    if is_patched_module(module):
+        raise ValueError(f"{type(module).__name__} is patched already")
+    if fused:
+        check_embedding_supported(module)
     for name in _SETTINGS:
-        if name in embedding.__dict__ or hasattr(type(embedding), name):
-            raise ValueError(f"{type(embedding).__name__} already has an attribute {name!r} "
+        if name in module.__dict__ or hasattr(type(module), name):
+            raise ValueError(f"{type(module).__name__} already has an attribute {name!r} "
                              "that patching would hide")
-    scale = embed_scale_of(embedding)
-    embedding.__class__ = patched_class(type(embedding))
-    values = dict(noise=noise, alpha=alpha, symmetric=symmetric, backend=backend,
-                  _fastnoise_embed_scale=scale)
-    embedding.__dict__.update(values)
-    settle_early(embedding)
-    return embedding
 
 
-def make_plain_(embedding: nn.Module) -> nn.Module:
+def make_noisy_(module: nn.Module, *, noise: str, alpha: float, symmetric: bool,
+                backend: str, fused: bool = True) -> nn.Module:
+    """Give ``module`` (the same object) the noisy forward; undo with :func:`make_plain_`.
+
+    ``fused``: an ``nn.Embedding`` whose lookup becomes the fused kernel (no weight shape or
+    data is read: ZeRO-3 placeholders are fine); else an embedding wrapper whose output rows
+    get the noise (:class:`_PatchedWrapper`)."""
+    check_patchable(module, fused)
+    values = dict(noise=noise, alpha=alpha, symmetric=symmetric, backend=backend)
+    if fused:
+        values["_fastnoise_embed_scale"] = embed_scale_of(module)
+    module.__class__ = patched_class(type(module), _PatchedEmbedding if fused else
+                                     _PatchedWrapper)
+    module.__dict__.update(values)
+    if fused:
+        settle_early(module)
+    return module
+
+
+def make_plain_(module: nn.Module) -> nn.Module:
     """Undo :func:`make_noisy_`: the original class, the settings gone. A class that wrapped
     the patched one afterwards (FSDP2's ``FSDP<name>``) is rebuilt over the original class."""
-    cls = type(embedding)
+    cls = type(module)
     base = _base_class(cls)
-    if cls is _PATCHED_CLASSES.get(base):
-        embedding.__class__ = base
+    if cls in _PATCHED_CLASSES.values():
+        module.__class__ = base
     else:
-        embedding.__class__ = _unpatched_wrapper(cls, base)
-    for name in _SETTINGS + (_CONTEXT,):
-        embedding.__dict__.pop(name, None)
-    return embedding
+        module.__class__ = _unpatched_wrapper(cls, base)
+    for name in _SETTINGS:
+        module.__dict__.pop(name, None)
+    return module
 
 
 _UNPATCHED_WRAPPERS: dict = {}
 
 
 def _unpatched_wrapper(cls: type, base: type) -> type:
-    patched = _PATCHED_CLASSES.get(base)
-    if patched not in cls.__bases__:
+    patched = next((b for b in cls.__bases__ if b in _PATCHED_CLASSES.values()
+                    and _base_class(b) is base), None)
+    if patched is None:
         raise TypeError(f"cannot unpatch: the class {cls.__name__} was derived from the patched "
                         "class in a way fastnoise does not know how to undo")
     new = _UNPATCHED_WRAPPERS.get(cls)

@@ -9,6 +9,7 @@ leaves every tensor as it was and a retry does not perturb anything twice.
 
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatchcase
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -20,7 +21,7 @@ from .functional import check_nonnegative
 from .seeds import check_seed, draw_seed
 from . import sharded
 
-__all__ = ["noisytune_", "selected_parameters"]
+__all__ = ["noisytune_", "selected_parameters", "unchanged_parameters"]
 
 Patterns = Union[None, str, Sequence[str]]
 
@@ -170,11 +171,15 @@ def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor
 
     Sharded parameters (FSDP2 / DTensor, DeepSpeed ZeRO-3 partitions) are perturbed where
     they lie, without gathering: the std of the full matrix and, per element, the noise it
-    gets unsharded (the call is collective; a drawn seed is rank 0's). After
+    gets unsharded (the call is collective). After
     ``deepspeed.initialize`` the optimizer's fp32 master copies get the perturbed values.
     A parameter fastnoise cannot perturb (an FSDP1 flat parameter, a meta tensor, a ZeRO-3
     partition offloaded to NVMe or gathered) raises an error naming it, before anything is
     changed.
+
+    With ``seed=None`` and a torch.distributed process group of more than one rank, the
+    seed is rank 0's on every rank (one broadcast: the call is collective), so replicas stay
+    identical whatever each rank's torch seed.
     """
     lam = check_nonnegative("lam", lam)
     seed = check_seed(seed)
@@ -205,7 +210,7 @@ def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor
         if sharded_entries:
             device = sharded.check_sharded(*sharded_entries[0][:2])[0]
         seed, offset = draw_seed(device, total)
-        if sharded_entries:  # shards of one parameter must share one stream
+        if sharded_entries or _several_ranks():  # replicas and shards share one stream
             seed, offset = sharded.agree_on_seed(seed, offset)
     else:
         offset = 0
@@ -226,3 +231,61 @@ def noisytune_(model_or_parameters: Union[torch.nn.Module, Iterable[torch.Tensor
                 t.copy_(w)
             sharded.sync_master_copy_(t)
     return model_or_parameters
+
+
+def _several_ranks() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def unchanged_parameters(model_or_parameters, lam: float, include: Patterns = None,
+                         exclude: Patterns = None,
+                         trainable_only: bool = False) -> List[Tuple[str, str]]:
+    """(name, why) of each selected tensor :func:`noisytune_` leaves unchanged, read before
+    it runs: ``"numel < 2"``, ``"std 0"`` (every element equal, e.g. RMSNorm weights at
+    init), ``"not finite"`` (a NaN or inf element) or ``"lam 0"``. Read from each tensor's min
+    and max (no float64 copy); a tensor whose range is extreme gets the reference's exact
+    rule. Collective for sharded parameters (min and max over the shards), as noisytune_."""
+    lam = check_nonnegative("lam", lam)
+    unchanged = []
+    for name, t in selected_parameters(model_or_parameters, include, exclude, trainable_only):
+        numel = sharded.logical_numel(t)
+        if numel < 2:
+            unchanged.append((name, "numel < 2"))
+            continue
+        lo, hi, finite = _range(name, t)
+        if not finite:
+            unchanged.append((name, "not finite"))
+        elif lo == hi:
+            unchanged.append((name, "std 0"))
+        elif lam == 0:
+            unchanged.append((name, "lam 0"))
+        elif not 1e-30 < lam * (hi - lo) < 1e30 and not (sharded.is_dtensor(t)
+                                                           or sharded.is_zero3(t)):
+            # where float32's s could round to 0 or overflow: the reference's rule itself
+            if reference.noisytune_scale(lam, reference.std64(t), t.dtype) is None:
+                unchanged.append((name, "std 0"))
+    return unchanged
+
+
+def _range(name: str, t: torch.Tensor) -> Tuple[float, float, bool]:
+    """(min, max, all finite) of a tensor's elements; of the full tensor when sharded."""
+    if sharded.is_dtensor(t) or sharded.is_zero3(t):
+        sharded.check_sharded(name, t)
+        shard = sharded._Shard(name, t, 0)
+        values, groups = shard.values(), shard.groups
+    else:
+        values, groups = t.detach(), ()
+    lo, hi, bad = math.inf, -math.inf, 0.0  # an empty shard: neutral for the reductions
+    if values.numel():
+        lo, hi = (float(v) for v in torch.aminmax(values.reshape(-1)))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            lo, hi, bad = math.inf, -math.inf, 1.0
+    if groups:
+        import torch.distributed as dist
+        for group in groups:
+            stat = torch.tensor([-lo, hi, bad], dtype=torch.float64,
+                                device=sharded._comm_device(group))
+            dist.all_reduce(stat, op=dist.ReduceOp.MAX, group=group)
+            lo, hi, bad = -float(stat[0]), float(stat[1]), float(stat[2])
+    return lo, hi, not bad

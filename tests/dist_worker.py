@@ -49,6 +49,37 @@ def check_noisytune_sharded_equals_unsharded():
         assert torch.equal(rest, expect[1]), "the tensor after a sharded one moved"
 
 
+def check_noisytune_seed_is_rank_0s():
+    """Issue #23 row 11: ranks seeded differently still perturb their replicas alike (the
+    drawn seed is rank 0's whenever a process group is up)."""
+    torch.manual_seed(5)  # the same weights on every rank
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5))
+    torch.manual_seed(300 + dist.get_rank())  # each rank its own torch seed
+    before = [p.detach().clone() for p in model.parameters()]
+    fastnoise.noisytune_(model, 0.15)
+    for p, b in zip(model.parameters(), before):
+        a, c = gather(p.detach())
+        assert torch.equal(a, c), "replicas diverged after NoisyTune"
+    assert not torch.equal(model[0].weight, before[0])
+
+
+def check_unchanged_parameters_of_shards():
+    """What NoisyTune leaves unchanged, read over the shards of a DTensor (collective)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from fastnoise.noisytune import unchanged_parameters
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    ones = torch.ones(5, 3)
+    ones[4, 2] = 2.0  # not constant over the whole tensor, constant on rank 0's shard
+    nan = torch.randn(5, 3)
+    nan[4, 0] = float("nan")  # on rank 1's shard only
+    tensors = [distribute_tensor(t, mesh, [Shard(0)])
+               for t in (ones, torch.full((5, 3), 0.5), nan)]
+    assert unchanged_parameters(tensors, 0.15) == [("tensors[1]", "std 0"),
+                                                   ("tensors[2]", "not finite")]
+
+
 def check_ddp_training():
     torch.manual_seed(3)
     model = nn.Sequential(fastnoise.NoisyEmbedding(50, 16, padding_idx=0), nn.Linear(16, 50))
@@ -171,6 +202,8 @@ def main():
                             rank=int(sys.argv[1]), world_size=2)
     check_rank_distinct_noise()
     check_noisytune_sharded_equals_unsharded()
+    check_noisytune_seed_is_rank_0s()
+    check_unchanged_parameters_of_shards()
     check_ddp_training()
     check_patch_with_ddp()
     check_patch_with_fsdp2()

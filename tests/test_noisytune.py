@@ -193,9 +193,11 @@ def test_callback_passes_the_selection_through(tmp_path):
         want = before[n] if "lora_" in n else ref[k]
         assert torch.allclose(p, want, rtol=0, atol=1e-6), n
     assert any(not torch.equal(expect[n], before[n]) for n in before if "lora_" not in n)
-    # it logs what it perturbed: the selection's tensors
-    assert callback.logged["fastnoise/noisytune_tensors"] == sum(
-        "lora_" not in n for n in before)
+    # it logs what it perturbed (the selection's tensors but the norms: std 0) and skipped
+    norms = sum("norm" in n for n in before)
+    assert callback.logged["fastnoise/noisytune_perturbed"] == sum(
+        "lora_" not in n for n in before) - norms
+    assert callback.logged["fastnoise/noisytune_skipped_std_0"] == norms > 0
 
 
 def test_a_generator_of_tensors_is_read_once():

@@ -251,7 +251,14 @@ def test_callback_logs_once_through_the_trainer(tmp_path):
     assert ours[0]["fastnoise/method"] == "gaussian" and ours[0]["fastnoise/alpha"] == 3.0
     assert ours[0]["fastnoise/backend"] in fastnoise.available_backends("cpu")
     assert ours[0]["fastnoise/noisytune_lambda"] == 0.1
-    assert ours[0]["fastnoise/noisytune_tensors"] == len({id(p) for p in model.parameters()})
+    # RMSNorm weights are ones at init (std 0): NoisyTune leaves them, and says so
+    norms = sum("norm" in n for n, _ in model.named_parameters())
+    assert norms == 3
+    assert ours[0]["fastnoise/noisytune_perturbed"] == len(
+        {id(p) for p in model.parameters()}) - norms
+    assert ours[0]["fastnoise/noisytune_skipped_std_0"] == norms
+    assert ours[0]["fastnoise/noisytune_skipped_numel_lt_2"] == 0
+    assert ours[0]["fastnoise/noisytune_skipped_not_finite"] == 0
     assert callback.logged == {k: v for k, v in ours[0].items() if k.startswith("fastnoise/")}
 
 
@@ -263,8 +270,9 @@ class _EmbeddingProbe(transformers.TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         emb = model.get_input_embeddings()
-        self.steps.append((fastnoise.is_patched(model), getattr(emb, "alpha", None),
-                           hasattr(emb, "neftune_noise_alpha")))
+        stock = any(getattr(hook, "__name__", "") == "neftune_post_forward_hook"
+                    for hook in emb._forward_hooks.values())
+        self.steps.append((fastnoise.is_patched(model), getattr(emb, "alpha", None), stock))
 
 
 class _Packed(torch.utils.data.Dataset):
@@ -383,3 +391,93 @@ def test_dpo_reference_pass_is_noise_free(reference, tmp_path):
             else:
                 again = ref_model(**kwargs).log_probs
         torch.testing.assert_close(log_probs, again, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# SymNoise under trainers that compute the loss outside the model (issue #23 rows 7, 8)
+# --------------------------------------------------------------------------------------
+def _smoothed_logs(tmp_path, *, patched, batch):
+    """(loss, grad_norm) per step with label smoothing: Trainer pops the labels and smooths
+    the loss itself, from the model's logits."""
+    torch.manual_seed(0)
+    model = _model()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / f"ls{patched}{batch}"), max_steps=3,
+        per_device_train_batch_size=batch, report_to=[], use_cpu=True, save_strategy="no",
+        logging_steps=1, learning_rate=1e-2, seed=0, label_smoothing_factor=0.1)
+    collate = transformers.default_data_collator
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_Ragged(),
+        data_collator=collate if patched else _doubled(collate),
+        callbacks=[FastNoiseCallback("symnoise", alpha=0.0)] if patched else [])
+    smoother = trainer.label_smoother
+    trainer.train()
+    assert trainer.label_smoother is smoother  # the run's wrapper is gone
+    return [(e["loss"], e["grad_norm"]) for e in trainer.state.log_history if "loss" in e]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_symnoise_with_label_smoothing_is_the_mean_of_the_pair(batch, tmp_path):
+    got = _smoothed_logs(tmp_path, patched=True, batch=batch)
+    expect = _smoothed_logs(tmp_path, patched=False, batch=batch)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expect), rtol=2e-5, atol=1e-6)
+
+
+def _preference_run(kind, tmp_path, method):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    torch.manual_seed(0)
+    model, ref_model = _model(), _model()
+    ref_model.load_state_dict(model.state_dict())
+    common = dict(output_dir=str(tmp_path / f"{kind}{method}"), max_steps=2,
+                  per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                  save_strategy="no", logging_steps=1, learning_rate=1e-3, seed=0)
+    callbacks = [FastNoiseCallback(method, alpha=0.0)] if method else []
+    if kind == "dpo":
+        trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=trl.DPOConfig(**common),
+                                 train_dataset=_dpo_dataset(),
+                                 processing_class=_sft_tokenizer(), callbacks=callbacks)
+    else:
+        rows = _dpo_dataset()
+        data = datasets.Dataset.from_dict({
+            "prompt": list(rows["prompt"]) * 2,
+            "completion": list(rows["chosen"]) + list(rows["rejected"]),
+            "label": [True] * len(rows) + [False] * len(rows)})
+        trainer = trl.KTOTrainer(model=model, ref_model=ref_model, args=trl.KTOConfig(**common),
+                                 train_dataset=data,
+                                 processing_class=_sft_tokenizer(), callbacks=callbacks)
+    trainer.train()
+    return [e for e in trainer.state.log_history if "loss" in e]
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_symnoise_under_dpo_and_kto_is_the_mean_of_the_pair(kind, tmp_path):
+    """TRL folds nothing itself: patch folds the fused per-token outputs of the pair to
+    their mean (is_top1 stays boolean, for DPO's accuracy `&`), so at alpha 0 the losses and
+    metrics are the unpatched run's."""
+    got = _preference_run(kind, tmp_path, "symnoise")
+    expect = _preference_run(kind, tmp_path, None)
+    assert len(got) == len(expect) == 2
+    for g, e in zip(got, expect):
+        for key in ("loss", "grad_norm", "mean_token_accuracy", "rewards/chosen"):
+            if key in e:
+                assert g[key] == pytest.approx(e[key], rel=2e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("kind", ["orpo", "cpo"])
+def test_symnoise_under_a_trainer_that_splits_logits_itself_is_refused(kind, tmp_path):
+    """ORPO and CPO split the model's logits into chosen / rejected by batch index."""
+    module = pytest.importorskip(f"trl.experimental.{kind}")
+    name = {"orpo": "ORPO", "cpo": "CPO"}[kind]
+    config, trainer_cls = getattr(module, f"{name}Config"), getattr(module, f"{name}Trainer")
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    args = config(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                  report_to=[], use_cpu=True, save_strategy="no")
+    trainer = trainer_cls(model=model, args=args, train_dataset=_dpo_dataset(),
+                          processing_class=_sft_tokenizer(),
+                          callbacks=[FastNoiseCallback("symnoise", noisytune_lam=0.1)])
+    with pytest.raises(ValueError, match=f"{name}Trainer"):
+        trainer.train()
+    assert not fastnoise.is_patched(model)  # refused before NoisyTune or the patch
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

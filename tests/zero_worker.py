@@ -307,6 +307,11 @@ def check_trainer_zero3(rank, out_dir):
         assert torch.allclose(g, w, rtol=0, atol=1e-6), n
         if f.numel() > 1 and float(f.double().std()) > 0:
             assert not torch.allclose(g, f, rtol=0, atol=1e-7), f"{n} not perturbed"
+    # the log counts what NoisyTune changed, read over the ZeRO-3 partitions
+    constant = sum(f.numel() > 1 and float(f.double().std()) == 0 for f in full)
+    assert constant > 0  # the RMSNorm weights
+    assert callback.logged["fastnoise/noisytune_skipped_std_0"] == constant, callback.logged
+    assert callback.logged["fastnoise/noisytune_perturbed"] == len(full) - constant
 
 
 def main():
