@@ -124,7 +124,8 @@ class FastNoiseCallback(TrainerCallback):
         """NoisyTune, once: the one place it is applied."""
         selected = len(selected_parameters(model, **self.noisytune_selection))
         unchanged = unchanged_parameters(model, self.noisytune_lam, **self.noisytune_selection)
-        noisytune_(model, self.noisytune_lam, seed=self.seed, **self.noisytune_selection)
+        noisytune_(model, self.noisytune_lam, seed=self.seed,
+                   backend=self.patch_kwargs.get("backend", "auto"), **self.noisytune_selection)
         why = Counter(reason for _, reason in unchanged)
         logs = {"fastnoise/noisytune_lambda": self.noisytune_lam,
                 "fastnoise/noisytune_perturbed": selected - len(unchanged)}

@@ -481,3 +481,28 @@ def test_symnoise_under_a_trainer_that_splits_logits_itself_is_refused(kind, tmp
         trainer.train()
     assert not fastnoise.is_patched(model)  # refused before NoisyTune or the patch
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_callback_runs_noisytune_on_its_backend(tmp_path, monkeypatch):
+    """FastNoiseCallback(backend=...) runs NoisyTune on that backend too, not on "auto"."""
+    from fastnoise import backends
+
+    calls = []
+
+    class Spy(backends.ReferenceBackend):
+        def noisytune_(self, tensors, *args, **kwargs):
+            calls.append(len(tensors))
+            return super().noisytune_(tensors, *args, **kwargs)
+
+    monkeypatch.setitem(backends._REGISTRY, "reference", Spy())
+    backends.clear_cache()
+    torch.manual_seed(0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1,
+                                          per_device_train_batch_size=4, report_to=[],
+                                          use_cpu=True, save_strategy="no")
+    callback = FastNoiseCallback("neftune", alpha=1.0, noisytune_lam=0.1, seed=3,
+                                 backend="reference")
+    transformers.Trainer(model=_model(), args=args, train_dataset=_Tokens(),
+                         callbacks=[callback]).train()
+    assert calls and sum(calls) > 0
+    backends.clear_cache()
