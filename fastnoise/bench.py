@@ -407,14 +407,14 @@ def write_plot(results: List[Result], path: str, title: str) -> None:
         floor = min((r.ms * r.pct_copy / 100 for r in group if r.pct_copy > 0), default=None)
         if floor:
             ax.axvline(floor, color="k", ls="--", lw=0.8)
-            ax.text(floor, -0.6, " copy floor", fontsize=6, va="bottom")
+            ax.text(floor, len(group) - 0.55, " copy floor", fontsize=6, va="bottom")
         for y, r in zip(ys, group):
             peer = next((k for k in MAIN_PEERS if k in r.speedups), None)
             label = f" {r.ms:.3g} ms"
             if peer is not None:
                 label += f"  ({r.speedups[peer]:.2g}x faster than {peer})"
             ax.text(r.ms, y, label, va="center", fontsize=6)
-        ax.set_xlim(min(times) / 2, max(times) * 30)
+        ax.set_xlim(min(times + ([floor] if floor else [])) / 2, max(times) * 30)
         ax.set_title(workload, fontsize=8)
         ax.set_xlabel("ms per call (log scale, shorter is faster)", fontsize=7)
         ax.tick_params(axis="x", labelsize=6)
