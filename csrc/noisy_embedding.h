@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -145,6 +146,43 @@ inline void check_noisy_embedding_backward_args(const at::Tensor& grad_out, cons
 // The weight with contiguous rows (stride(1) == 1), as the kernels read it.
 inline at::Tensor row_contiguous(const at::Tensor& weight) {
   return weight.size(1) <= 1 || weight.stride(1) == 1 ? weight : weight.contiguous();
+}
+
+// What every device's implementation of noisy_embedding starts from: the checked packing
+// inputs, the weight with contiguous rows, the flat contiguous ids and the output allocated
+// in its final shape (empty when there are no tokens or d == 0: nothing to launch).
+struct PreparedCall {
+  Packing packing;
+  at::Tensor weight, ids, out;
+  int64_t n = 0, d = 0, row = 1;
+  bool empty() const { return n == 0 || d == 0; }
+};
+
+inline PreparedCall prepare_call(const at::Tensor& weight, const at::Tensor& ids,
+                                 const std::optional<at::Tensor>& attention_mask,
+                                 const std::optional<at::Tensor>& position_ids,
+                                 const std::optional<at::Tensor>& cu_seqlens, int64_t noise,
+                                 double alpha, bool symmetric, int64_t padding_idx) {
+  PreparedCall p;
+  p.packing = check_noisy_embedding_args(weight, ids, attention_mask, position_ids, cu_seqlens,
+                                         noise, alpha, symmetric, padding_idx);
+  p.weight = row_contiguous(weight);
+  p.ids = ids.reshape({-1}).contiguous();
+  p.n = p.ids.numel();
+  p.d = p.weight.size(1);
+  p.row = row_length(ids);
+  p.out = at::empty(output_shape(ids, p.d, symmetric), p.weight.options());
+  return p;
+}
+
+// noisy_embedding_backward's grad_out as (rows, d) (rows given, not -1: with d == 0 they could
+// not be inferred) and padding_idx as the kernels take it.
+inline at::Tensor grad_rows(const at::Tensor& grad_out, const at::Tensor& ids, bool symmetric) {
+  return grad_out.reshape({(symmetric ? 2 : 1) * ids.numel(), grad_out.size(-1)});
+}
+
+inline std::optional<int64_t> optional_padding(int64_t padding_idx) {
+  return padding_idx < 0 ? std::nullopt : std::optional<int64_t>(padding_idx);
 }
 
 // The error buffer (int64 (4,), contract C1) the kernels record into on `device`: the one

@@ -234,30 +234,24 @@ at::Tensor noisy_embedding_cpu(const at::Tensor& weight_in, const at::Tensor& id
                                const std::optional<at::Tensor>& cu_seqlens, int64_t noise,
                                double alpha, int64_t seed, int64_t offset, bool draw_seed,
                                bool symmetric, int64_t padding_idx, double embed_scale) {
-  const Packing packing = check_noisy_embedding_args(weight_in, ids_in, attention_mask,
-                                                     position_ids, cu_seqlens, noise, alpha,
-                                                     symmetric, padding_idx);
-  const at::Tensor weight = row_contiguous(weight_in);
-  const at::Tensor ids = ids_in.reshape({-1}).contiguous();
-  const int64_t n = ids.numel();
-  const int64_t d = weight.size(1);
-  at::Tensor out = at::empty(output_shape(ids_in, d, symmetric), weight.options());
-  if (n == 0 || d == 0) return out;
+  const PreparedCall p = prepare_call(weight_in, ids_in, attention_mask, position_ids, cu_seqlens,
+                                      noise, alpha, symmetric, padding_idx);
+  if (p.empty()) return p.out;
   uint64_t s = as_u64(seed), o = as_u64(offset);
   if (draw_seed) {  // `seed` is then what the drawn seed is XORed with (rank-distinct noise)
     s = draw_cpu_seed() ^ s;
     o = 0;
   }
   std::vector<float> tok_mag;
-  if (packing.any()) {
-    tok_mag.resize(static_cast<size_t>(n));
-    token_scale_cpu(packing, n, row_length(ids_in), d, alpha, tok_mag.data(),
-                    registered_error_buffer(weight.device()));
+  if (p.packing.any()) {
+    tok_mag.resize(static_cast<size_t>(p.n));
+    token_scale_cpu(p.packing, p.n, p.row, p.d, alpha, tok_mag.data(),
+                    registered_error_buffer(p.weight.device()));
   }
-  run_forward(ids, weight, out.view({-1, d}), noise, scale_of(alpha, row_length(ids_in), d),
+  run_forward(p.ids, p.weight, p.out.view({-1, p.d}), noise, scale_of(alpha, p.row, p.d),
               tok_mag.empty() ? nullptr : tok_mag.data(), s, o, symmetric,
-              round_embed_scale(embed_scale, weight.scalar_type()));
-  return out;
+              round_embed_scale(embed_scale, p.weight.scalar_type()));
+  return p.out;
 }
 
 // Deterministic backward: a stable counting sort of the token positions by id, then each
@@ -359,12 +353,9 @@ at::Tensor noisy_embedding_backward_cpu(const at::Tensor& grad_out, const at::Te
                                         int64_t num_weights, int64_t padding_idx, bool symmetric,
                                         double embed_scale) {
   check_noisy_embedding_backward_args(grad_out, ids, num_weights, symmetric);
-  const int64_t d = grad_out.size(-1);
-  // rows given, not -1: with d == 0 the row count could not be inferred
-  return embedding_backward_cpu(grad_out.reshape({(symmetric ? 2 : 1) * ids.numel(), d}),
-                                ids.reshape({-1}), num_weights,
-                                padding_idx < 0 ? std::nullopt : std::optional<int64_t>(padding_idx),
-                                symmetric, /*deterministic=*/true,
+  return embedding_backward_cpu(grad_rows(grad_out, ids, symmetric), ids.reshape({-1}),
+                                num_weights, optional_padding(padding_idx), symmetric,
+                                /*deterministic=*/true,
                                 round_embed_scale(embed_scale, grad_out.scalar_type()));
 }
 

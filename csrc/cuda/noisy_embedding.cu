@@ -64,23 +64,19 @@ at::Tensor noisy_embedding_cuda(const at::Tensor& weight_in, const at::Tensor& i
                                 const std::optional<at::Tensor>& cu_seqlens, int64_t noise,
                                 double alpha, int64_t seed, int64_t offset, bool draw_seed,
                                 bool symmetric, int64_t padding_idx, double embed_scale) {
-  const Packing packing = check_noisy_embedding_args(weight_in, ids_in, attention_mask,
-                                                     position_ids, cu_seqlens, noise, alpha,
-                                                     symmetric, padding_idx);
   TORCH_CHECK(weight_in.is_cuda(), "fastnoise: CUDA kernel got a weight on ", weight_in.device());
   c10::DeviceGuard guard(weight_in.device());
-  const at::Tensor weight = row_contiguous(weight_in);
-  const at::Tensor ids = ids_in.reshape({-1}).contiguous();
-  const int64_t n = ids.numel();
-  const int64_t d = weight.size(1);
-  const int64_t V = weight.size(0);
-  at::Tensor out = at::empty(output_shape(ids_in, d, symmetric), weight.options());
-  if (n == 0 || d == 0) return out;
+  const PreparedCall p = prepare_call(weight_in, ids_in, attention_mask, position_ids, cu_seqlens,
+                                      noise, alpha, symmetric, padding_idx);
+  if (p.empty()) return p.out;
+  const int64_t n = p.n, d = p.d, row = p.row, V = p.weight.size(0);
+  const at::Tensor& weight = p.weight;
+  const at::Tensor& ids = p.ids;
+  const Packing& packing = p.packing;
   TORCH_CHECK_VALUE(n < (int64_t{1} << 31), "fastnoise: at most 2^31 - 1 tokens a call, got ", n);
   const at::Tensor error = registered_error_buffer(weight.device());
   cudaStream_t stream = current_stream(weight.device());
   const int sms = sm_count(weight.device().index());
-  const int64_t row = row_length(ids_in);
 
   SeedArg sa;
   if (draw_seed) {
@@ -128,22 +124,20 @@ at::Tensor noisy_embedding_cuda(const at::Tensor& weight_in, const at::Tensor& i
           auto launch = es != 1.0 ? launch_forward<scalar_t, index_t, true>
                                   : launch_forward<scalar_t, index_t, false>;
           launch(ids.const_data_ptr<index_t>(), n, weight.const_data_ptr<scalar_t>(), w_stride,
-                 V, out.data_ptr<scalar_t>(), d, noise, mag, tm, sa, symmetric, es, err, stream,
-                 sms);
+                 V, p.out.data_ptr<scalar_t>(), d, noise, mag, tm, sa, symmetric, es, err,
+                 stream, sms);
         });
   });
-  return out;
+  return p.out;
 }
 
 at::Tensor noisy_embedding_backward_cuda(const at::Tensor& grad_out, const at::Tensor& ids,
                                          int64_t num_weights, int64_t padding_idx,
                                          bool symmetric, double embed_scale) {
   check_noisy_embedding_backward_args(grad_out, ids, num_weights, symmetric);
-  const int64_t d = grad_out.size(-1);
   return embedding_backward_cuda_for_op(
-      grad_out.reshape({(symmetric ? 2 : 1) * ids.numel(), d}), ids.reshape({-1}), num_weights,
-      padding_idx < 0 ? std::nullopt : std::optional<int64_t>(padding_idx), symmetric,
-      at::globalContext().deterministicAlgorithms(),
+      grad_rows(grad_out, ids, symmetric), ids.reshape({-1}), num_weights,
+      optional_padding(padding_idx), symmetric, at::globalContext().deterministicAlgorithms(),
       round_embed_scale(embed_scale, grad_out.scalar_type()));
 }
 
