@@ -1,5 +1,6 @@
 """The user-facing ops called directly (they are public entry points): the C++ op for the
-compiled backends ("cpu", "cuda"), the Python op with a backend name for the others."""
+compiled backends ("cpu", "cuda"), the Python op with a backend name for the others; and
+random packing inputs for them."""
 
 import torch
 
@@ -34,3 +35,24 @@ def call_forward(backend, weight, ids, **kwargs):
 def call_backward(backend, grad_out, ids, num_weights, **kwargs):
     op, args = backward_op(backend, grad_out, ids, num_weights, **kwargs)
     return op(*args)
+
+
+def packing_case(kind, batch, length, dtype=torch.long):
+    """(mask, positions, cu_seqlens) of a random packing of this kind: a fully masked row,
+    sequences restarting at random places, empty cu_seqlens sequences."""
+    n = batch * length
+    mask = positions = cu = None
+    if "mask" in kind:
+        mask = (torch.rand(batch, length) > 0.3).to(dtype)
+        mask[0] = 0
+    if "positions" in kind:
+        starts = torch.rand(batch, length) < 0.15
+        starts[:, 0] = True
+        idx = torch.arange(length).repeat(batch, 1)
+        positions = (idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values).to(
+            dtype if dtype != torch.bool else torch.long)
+    if "cu" in kind:
+        cuts = torch.sort(torch.randint(0, n + 1, (5,))).values
+        cu = torch.cat([torch.tensor([0]), cuts, cuts[2:3], torch.tensor([n])]).sort().values
+        cu = cu.to(torch.int32)
+    return mask, positions, cu

@@ -26,6 +26,8 @@ import pytest
 import torch
 
 from fastnoise import reference as R
+
+from op_args import packing_case
 from sorted_backward_order import sorted_backward_sums
 
 pytestmark = pytest.mark.cuda_emulated
@@ -416,33 +418,13 @@ def test_forward_seed_from_the_captured_generator_state(emu, noise):
 # ---------------------------------------------------------------------------------------
 # Per-token scale (token_scale_kernels.cuh)
 # ---------------------------------------------------------------------------------------
-def _packing_case(kind, batch, length, mask_dtype=torch.long):
-    """(mask, positions, cu_seqlens) of a random packing of this kind."""
-    n = batch * length
-    mask = positions = cu = None
-    if "mask" in kind:
-        mask = (torch.rand(batch, length) > 0.3).to(mask_dtype)
-        mask[0] = 0  # a fully masked row: L = 0
-    if "positions" in kind:
-        starts = torch.rand(batch, length) < 0.15
-        starts[:, 0] = True
-        idx = torch.arange(length).repeat(batch, 1)
-        first = torch.cummax(torch.where(starts, idx, 0), dim=1).values
-        positions = idx - first
-    if "cu" in kind:
-        cuts = torch.sort(torch.randint(0, n + 1, (5,))).values
-        cu = torch.cat([torch.tensor([0]), cuts, cuts[2:3], torch.tensor([n])]).sort().values
-        cu = cu.to(torch.int32)
-    return mask, positions, cu
-
-
 @pytest.mark.parametrize("kind", ["mask", "positions", "mask+positions", "cu", "mask+cu"])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 600), (1, 1100), (70, 3)], ids=str)
 def test_token_scale_matches_the_reference(emu, kind, shape):
     """Rows longer than a block (600, 1100 > 256 threads: chunks with carries), many rows,
     one token; every order of blocks and threads."""
     batch, length = shape
-    mask, positions, cu = _packing_case(kind, batch, length)
+    mask, positions, cu = packing_case(kind, batch, length)
     d, alpha = 48, 3.5
     ref = R.token_scale(alpha, d, batch * length, length, attention_mask=mask,
                         position_ids=positions, cu_seqlens=cu)
@@ -458,7 +440,7 @@ def test_token_scale_matches_the_reference(emu, kind, shape):
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int8, torch.int16,
                                         torch.int32], ids=str)
 def test_token_scale_reads_every_integer_dtype(emu, mask_dtype):
-    mask, positions, _ = _packing_case("mask+positions", 3, 40, mask_dtype)
+    mask, positions, _ = packing_case("mask+positions", 3, 40, mask_dtype)
     positions = positions.to(torch.int32)
     ref = R.token_scale(2.0, 16, 120, 40, attention_mask=mask, position_ids=positions)
     assert torch.equal(emu.token_scale((3, 40), 16, 2.0, mask=mask, positions=positions), ref)

@@ -9,30 +9,11 @@ import torch
 import fastnoise
 from fastnoise import reference as R
 
+from op_args import packing_case
+
 BACKENDS = [b for b in fastnoise.available_backends("cpu", torch.float32) if b != "reference"]
 KINDS = ["mask", "positions", "mask+positions", "cu", "mask+cu"]
 SHAPES = [(1, 1), (3, 7), (2, 600), (1, 1100), (70, 3)]
-
-
-def packing_case(kind, batch, length, dtype=torch.long):
-    """(mask, positions, cu_seqlens) of a random packing of this kind: a fully masked row,
-    sequences restarting at random places, empty cu_seqlens sequences."""
-    n = batch * length
-    mask = positions = cu = None
-    if "mask" in kind:
-        mask = (torch.rand(batch, length) > 0.3).to(dtype)
-        mask[0] = 0
-    if "positions" in kind:
-        starts = torch.rand(batch, length) < 0.15
-        starts[:, 0] = True
-        idx = torch.arange(length).repeat(batch, 1)
-        positions = (idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values).to(
-            dtype if dtype != torch.bool else torch.long)
-    if "cu" in kind:
-        cuts = torch.sort(torch.randint(0, n + 1, (5,))).values
-        cu = torch.cat([torch.tensor([0]), cuts, cuts[2:3], torch.tensor([n])]).sort().values
-        cu = cu.to(torch.int32)
-    return mask, positions, cu
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
