@@ -282,6 +282,33 @@ def test_noisytune_refuses_graph_capture():
             fastnoise.noisytune_([w])
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_first_call_inside_a_capture_is_refused_unless_settled(backend, monkeypatch):
+    """A device's error buffer made inside a capture would be a graph allocation that never
+    runs eagerly: the first call of a device inside a capture raises, while a module built
+    (and so settled) outside the capture records into a buffer made outside it."""
+    from fastnoise import errors, ops
+    if backend not in fastnoise.available_backends("cuda"):
+        pytest.skip(f"{backend} not available")
+    monkeypatch.setattr(errors, "_STATES", {})
+    monkeypatch.setattr(ops, "_SETTLED", {})
+    w, ids = torch.randn(50, 32, device="cuda"), torch.randint(0, 50, (2, 8), device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            fastnoise.noisy_embedding(ids, w, backend=backend)
+    emb = fastnoise.NoisyEmbedding(50, 32, backend=backend).cuda()
+    emb(ids)  # settled and warmed up outside the capture
+    with torch.cuda.graph(graph):
+        out = emb(ids)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    fastnoise.check_errors()
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_training_false_is_the_plain_embedding(symmetric):
     """As F.dropout's ``training``: False returns exactly F.embedding (times embed_scale, in
