@@ -17,13 +17,12 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import reference
 from .backends import available_backends, resolve_backend, triton_interpreter_enabled
 from .functional import noisy_embedding
 from .noisytune import noisytune_

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fastnoise import backends, check
 from fastnoise.backends import ReferenceBackend
