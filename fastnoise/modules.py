@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .backends import BackendUnavailableError, get_backend
+from .backends import REGISTRY_VERSION, BackendUnavailableError, get_backend
 from .functional import (check_finite, check_method, check_noise, check_nonnegative,
                          check_padding_idx, noisy_embedding, plain_embedding)
 
@@ -147,7 +147,7 @@ class NoisyEmbedding(nn.Embedding):
         # made outside any capture); the op checks the rest
         call = self.__dict__.get("_fastnoise_call")
         if (call is None or call.dtype != weight.dtype or call.device != weight.device
-                or call.requested != self.backend):
+                or call.requested != self.backend or call.version != REGISTRY_VERSION[0]):
             call = self._settle()
         padding_idx = self.padding_idx
         return call(weight, input, attention_mask, position_ids, cu_seqlens,
