@@ -15,7 +15,6 @@ from numbers import Real
 from typing import Optional
 
 import torch
-
 import torch.nn.functional as F
 
 from . import ops, reference

@@ -115,6 +115,8 @@ class SettledCall:
             seed = rank_seed_mask()
         entry = self._entry
         if entry is None:  # a Python backend: its custom op (eager or traced alike)
+            _check_tensors(attention_mask=attention_mask, position_ids=position_ids,
+                           cu_seqlens=cu_seqlens)
             return noisy_embedding_python(weight, input, attention_mask, position_ids,
                                           cu_seqlens, noise, alpha, seed, 0, draw_seed,
                                           symmetric, padding_idx, embed_scale, self.requested)
@@ -129,6 +131,14 @@ class SettledCall:
         if self._report or position_ids is not None or cu_seqlens is not None:
             errors.after_call(self.device)
         return out
+
+
+def _check_tensors(**optional) -> None:
+    """What the C++ op's entry says of a non-tensor input, before the custom op's schema
+    refuses it with a RuntimeError."""
+    for name, value in optional.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"fastnoise: {name} must be a tensor, got {type(value).__name__}")
 
 
 _SETTLED: Dict[tuple, SettledCall] = {}

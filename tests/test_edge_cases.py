@@ -343,3 +343,13 @@ def test_reported_copies_are_retired_not_reused_in_flight(monkeypatch):
     in_flight[1].done = True
     assert state.take_spare() is in_flight
     state.buffer.zero_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["attention_mask", "position_ids", "cu_seqlens"])
+def test_non_tensor_packing_inputs_raise_type_error(backend, name):
+    """Every backend says the same of a list where a tensor belongs (the Python op's schema
+    alone would raise a RuntimeError about casting)."""
+    ids, weight = torch.randint(0, 9, (2, 3)), torch.randn(9, 4)
+    with pytest.raises(TypeError, match=f"{name} must be a tensor, got list"):
+        fastnoise.noisy_embedding(ids, weight, backend=backend, **{name: [[1, 1, 1], [1, 1, 0]]})
